@@ -1,0 +1,1 @@
+//! Shared helpers for statecast benches and load tools.

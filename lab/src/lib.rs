@@ -1,0 +1,1 @@
+//! statecast lab: user-space link emulation and scenarios. Built by the routing issue; this crate holds nothing yet.

@@ -1,0 +1,1 @@
+//! Adaptive binary range coder (placeholder while the codec is written).
