@@ -62,7 +62,7 @@ pub struct Field {
 
 /// The wire encoding of one field.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Encoding {
     /// A float quantized uniformly to `bits` bits over `[min, max]`.
     Float {

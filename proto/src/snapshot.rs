@@ -370,7 +370,7 @@ mod tests {
     #[test]
     fn builder_sorts_and_checks() {
         let l = layout();
-        let blob = vec![b"ab".to_vec()];
+        let blob = [b"ab".to_vec()];
         let s = Snapshot::from_entities(&l, [(7, &[5][..], &blob[..]), (2, &[6][..], &blob[..])])
             .unwrap();
         assert_eq!(s.ids(), &[2, 7]);
@@ -379,7 +379,7 @@ mod tests {
         assert_eq!(dup.unwrap_err(), SnapshotError::Duplicate(1));
         let big = Snapshot::from_entities(&l, [(1, &[101][..], &blob[..])]);
         assert!(matches!(big, Err(SnapshotError::OutOfRange { .. })));
-        let long = vec![b"abcde".to_vec()];
+        let long = [b"abcde".to_vec()];
         let long = Snapshot::from_entities(&l, [(1, &[1][..], &long[..])]);
         assert!(matches!(long, Err(SnapshotError::BlobTooLong { .. })));
         let many: Vec<_> = (0..4).map(|i| (i, &[1][..], &blob[..])).collect();
@@ -392,7 +392,7 @@ mod tests {
     #[test]
     fn hash_is_order_free_composable_and_sensitive() {
         let l = layout();
-        let blob = vec![b"ab".to_vec()];
+        let blob = [b"ab".to_vec()];
         let a = Snapshot::from_entities(&l, [(1, &[5][..], &blob[..]), (2, &[6][..], &blob[..])])
             .unwrap();
         let b = Snapshot::from_entities(&l, [(2, &[6][..], &blob[..]), (1, &[5][..], &blob[..])])
@@ -402,7 +402,7 @@ mod tests {
         let c = Snapshot::from_entities(&l, [(1, &[5][..], &blob[..]), (2, &[7][..], &blob[..])])
             .unwrap();
         assert_ne!(a.hash(), c.hash());
-        let other = vec![b"ac".to_vec()];
+        let other = [b"ac".to_vec()];
         let d = Snapshot::from_entities(&l, [(1, &[5][..], &blob[..]), (2, &[6][..], &other[..])])
             .unwrap();
         assert_ne!(a.hash(), d.hash());
