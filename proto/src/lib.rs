@@ -19,11 +19,15 @@
 #![warn(missing_docs)]
 
 pub mod delta;
+pub mod msg;
 pub mod quant;
 mod rc;
 pub mod schema;
 pub mod snapshot;
+pub mod wire;
 
 pub use delta::{DeltaError, Prediction};
+pub use msg::{ErrorCode, FrameReader, Message, MessageType, VERSION, decode_frame};
 pub use schema::{Component, Encoding, Field, LaneKind, Layout, Position, Schema, SchemaError};
 pub use snapshot::{EntityId, Snapshot, SnapshotBuilder, SnapshotError, StateHash};
+pub use wire::{DecodeError, EncodeError};
