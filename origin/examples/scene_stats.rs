@@ -18,26 +18,29 @@ fn changed(a: &Snapshot, b: &Snapshot) -> usize {
 fn report(name: &str, world: &mut dyn Simulation, ticks: usize) {
     let layout = world.schema().layout().expect("built-in schemas are valid");
     let mut frames = vec![world.snapshot(&layout)];
-    let (mut step_total, mut step_max) = (Duration::ZERO, Duration::ZERO);
+    let mut steps = Vec::with_capacity(ticks);
     let mut snap_total = Duration::ZERO;
     for _ in 0..ticks {
         let t = Instant::now();
         world.step();
-        let dt = t.elapsed();
-        step_total += dt;
-        step_max = step_max.max(dt);
+        steps.push(t.elapsed());
         let t = Instant::now();
         frames.push(world.snapshot(&layout));
         snap_total += t.elapsed();
     }
+    let step_total: Duration = steps.iter().sum();
+    steps.sort();
+    let pct = |p: f64| steps[((steps.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
     let mean = |v: &[usize]| v.iter().sum::<usize>() as f64 / v.len().max(1) as f64;
     let one: Vec<usize> = frames.windows(2).map(|w| changed(&w[0], &w[1])).collect();
     let six: Vec<usize> = frames.windows(7).map(|w| changed(&w[0], &w[6])).collect();
     println!(
-        "{name}: {} entities, {ticks} ticks: step mean {:.3} ms max {:.3} ms, snapshot mean {:.3} ms",
+        "{name}: {} entities, {ticks} ticks: step mean {:.3} ms, p50 {:.3}, p99 {:.3}, max {:.3}; snapshot mean {:.3} ms",
         frames[0].len(),
         step_total.as_secs_f64() * 1e3 / ticks as f64,
-        step_max.as_secs_f64() * 1e3,
+        pct(0.5),
+        pct(0.99),
+        pct(1.0),
         snap_total.as_secs_f64() * 1e3 / ticks as f64,
     );
     println!(
@@ -57,6 +60,10 @@ fn report(name: &str, world: &mut dyn Simulation, ticks: usize) {
             chunk.iter().max().unwrap_or(&0),
         );
     }
+    println!(
+        "  state hash at tick {ticks}: {}",
+        frames.last().expect("at least one frame").hash()
+    );
     if frames[0].lanes_per_entity() == 8 {
         let last = frames.last().expect("at least one frame");
         let awake = (0..last.len()).filter(|&i| last.lanes(i)[7] == 1).count();
