@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod delta;
+pub mod interest;
 pub mod msg;
 pub mod quant;
 mod rc;

@@ -427,6 +427,7 @@ fn encoders_refuse_what_decoders_would_refuse() {
         origin_time_us: 0,
         hash: 0,
         chunks: vec![],
+        dropped: vec![],
     };
     assert!(matches!(
         encode(update.clone()),
@@ -466,7 +467,6 @@ fn encoders_refuse_what_decoders_would_refuse() {
         chunks: (0..5)
             .map(|i| Chunk {
                 cell: CellId { x: i, y: 0 },
-                hash: 0,
                 data: Bytes::from(vec![0; 1 << 20]),
             })
             .collect(),
@@ -831,26 +831,24 @@ fn frame_encoding_is_byte_exact() {
         chunks: vec![
             Chunk {
                 cell: CellId::WORLD,
-                hash: 3,
                 data: Bytes::from_static(b"ab"),
             },
             Chunk {
                 cell: CellId { x: -1, y: 1 },
-                hash: 4,
                 data: Bytes::new(),
             },
         ],
+        dropped: vec![CellId { x: 0, y: 0 }],
     })
     .unwrap();
-    let mut expected = vec![45, 0x10, 0x40, 100, 2, 1];
+    let mut expected = vec![32, 0x10, 0x40, 100, 2, 1];
     expected.extend_from_slice(&1u64.to_be_bytes());
     expected.extend_from_slice(&2u64.to_be_bytes());
     expected.push(2);
     expected.push(0);
-    expected.extend_from_slice(&3u64.to_be_bytes());
     expected.extend_from_slice(&[2, b'a', b'b']);
     expected.extend_from_slice(&[2, 2]);
-    expected.extend_from_slice(&4u64.to_be_bytes());
     expected.push(0);
+    expected.extend_from_slice(&[1, 1, 0]);
     assert_eq!(bytes, expected);
 }

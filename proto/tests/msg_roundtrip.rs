@@ -140,10 +140,9 @@ fn chunk() -> impl Strategy<Value = Chunk> {
             (-3i32..3, -3i32..3).prop_map(|(x, y)| CellId { x, y }),
             any::<(i32, i32)>().prop_map(|(x, y)| CellId { x, y }),
         ],
-        any::<u64>(),
         bytes(48),
     )
-        .prop_map(|(cell, hash, data)| Chunk { cell, hash, data })
+        .prop_map(|(cell, data)| Chunk { cell, data })
 }
 
 fn update() -> impl Strategy<Value = Update> {
@@ -153,8 +152,9 @@ fn update() -> impl Strategy<Value = Update> {
         any::<u64>(),
         any::<u64>(),
         prop::collection::vec(chunk(), 0..6),
+        prop::collection::vec(any::<(i32, i32)>().prop_map(|(x, y)| CellId { x, y }), 0..4),
     )
-        .prop_map(|(tick, gaps, origin_time_us, hash, chunks)| {
+        .prop_map(|(tick, gaps, origin_time_us, hash, chunks, dropped)| {
             let (mut base, mut predict_from) = (None, None);
             if let (Some((b, p)), true) = (gaps, tick > 0) {
                 let b = tick - 1 - b % tick.min(1000);
@@ -170,6 +170,7 @@ fn update() -> impl Strategy<Value = Update> {
                 origin_time_us,
                 hash,
                 chunks,
+                dropped,
             }
         })
 }
@@ -513,9 +514,9 @@ fn byte_fields_share_the_datagram_buffer() {
         hash: 2,
         chunks: vec![Chunk {
             cell: CellId { x: 1, y: -1 },
-            hash: 3,
             data: Bytes::from_static(b"delta bytes"),
         }],
+        dropped: vec![],
     };
     let mut out = bytes::BytesMut::new();
     Message::from(update.clone())

@@ -74,15 +74,12 @@ fn unzigzag(v: u64) -> Result<i32, DecodeError> {
 pub struct Chunk {
     /// The cell ([`CellId::WORLD`] in worlds without cells).
     pub cell: CellId,
-    /// State hash of the cell at the update's tick, once the delta is
-    /// applied.
-    pub hash: u64,
     /// The delta bytes ([`crate::delta`]), from the update's baseline.
     pub data: Bytes,
 }
 
-/// Smallest encoding of a chunk: WORLD cell, hash, empty data.
-const MIN_CHUNK_LEN: usize = 1 + 8 + 1;
+/// Smallest encoding of a chunk: WORLD cell, empty data.
+const MIN_CHUNK_LEN: usize = 1 + 1;
 
 /// Origin → relay → client: the world (or the cells a client holds) at one
 /// tick, as deltas from a baseline the receiver holds.
@@ -102,11 +99,15 @@ pub struct Update {
     /// Origin wall clock when the tick was made, in microseconds since the
     /// UNIX epoch (for end-to-end latency).
     pub origin_time_us: u64,
-    /// State hash of everything the update covers at `tick` (the sum of the
-    /// chunks' hashes).
+    /// State hash of everything the receiver holds once the update is
+    /// applied: the sum of the hashes of its cells, carried ones included.
     pub hash: u64,
     /// One chunk per cell, at most [`MAX_CHUNKS`](super::MAX_CHUNKS).
     pub chunks: Vec<Chunk>,
+    /// Cells the receiver held at the baseline and no longer holds (out of
+    /// its interest), at most [`MAX_CHUNKS`](super::MAX_CHUNKS). Cells
+    /// neither chunked nor dropped are carried from the baseline unchanged.
+    pub dropped: Vec<CellId>,
 }
 
 impl Update {
@@ -151,6 +152,7 @@ impl Body for Update {
         for chunk in &self.chunks {
             check_len("chunk", chunk.data.len(), MAX_CHUNK_LEN)?;
         }
+        check_len("update dropped cells", self.dropped.len(), MAX_CHUNKS)?;
         Ok(())
     }
 
@@ -164,8 +166,10 @@ impl Body for Update {
             + self
                 .chunks
                 .iter()
-                .map(|c| c.cell.encoded_len() + 8 + bytes_len(c.data.len()))
+                .map(|c| c.cell.encoded_len() + bytes_len(c.data.len()))
                 .sum::<usize>()
+            + varint_len(self.dropped.len() as u64)
+            + self.dropped.iter().map(|c| c.encoded_len()).sum::<usize>()
     }
 
     fn encode_body<B: BufMut>(&self, out: &mut B) {
@@ -177,8 +181,11 @@ impl Body for Update {
         put_varint(out, self.chunks.len() as u64);
         for chunk in &self.chunks {
             chunk.cell.encode(out);
-            out.put_u64(chunk.hash);
             put_bytes(out, &chunk.data);
+        }
+        put_varint(out, self.dropped.len() as u64);
+        for cell in &self.dropped {
+            cell.encode(out);
         }
     }
 
@@ -207,9 +214,13 @@ impl Body for Update {
         let mut chunks = Vec::with_capacity(count);
         for _ in 0..count {
             let cell = CellId::decode(buf)?;
-            let hash = get(buf)?;
             let data = get_bytes(buf, MAX_CHUNK_LEN, "chunk")?;
-            chunks.push(Chunk { cell, hash, data });
+            chunks.push(Chunk { cell, data });
+        }
+        let count = get_count(buf, MAX_CHUNKS, 1, "update dropped cells")?;
+        let mut dropped = Vec::with_capacity(count);
+        for _ in 0..count {
+            dropped.push(CellId::decode(buf)?);
         }
         Ok(Update {
             tick,
@@ -218,6 +229,7 @@ impl Body for Update {
             origin_time_us,
             hash,
             chunks,
+            dropped,
         })
     }
 }
