@@ -13,6 +13,7 @@
 //! | 0x11 | [`Ack`] | client → relay | stream or datagram |
 //! | 0x12 | [`Input`] | client → relay | stream or datagram |
 //! | 0x13 | [`InputBatch`] | relay → origin or parent relay | stream |
+//! | 0x14 | [`Interest`] | client → relay | stream |
 //! | 0x20 | [`Directory`] | relay → client | stream |
 //! | 0x30 | [`Ping`] | client → relay probe port | datagram (plain UDP) |
 //! | 0x31 | [`Pong`] | relay probe port → client | datagram (plain UDP) |
@@ -58,7 +59,9 @@ use bytes::{Buf, BufMut, BytesMut};
 pub use self::code::{ErrorCode, Fault, Retry};
 pub use self::probe::{Coords, Directory, MAX_PONG_LEN, PING_LEN, Ping, Pong, RelayInfo};
 pub use self::session::{Error, Goaway, Hello, Resume, Subscribe, Welcome};
-pub use self::state::{Ack, CellId, Chunk, Input, InputBatch, SessionInput, Update};
+pub use self::state::{
+    Ack, Area, CellId, Chunk, Input, InputBatch, Interest, SessionInput, Update,
+};
 pub use crate::wire::{DecodeError, EncodeError};
 
 use crate::wire::{self, bytes_len, put_varint, varint_len};
@@ -97,6 +100,8 @@ pub const MAX_INPUT_LEN: usize = 64;
 pub const MAX_INPUT_REDUNDANCY: usize = 4;
 /// Most inputs in one [`InputBatch`]; a relay with more sends several.
 pub const MAX_BATCH_INPUTS: usize = 16384;
+/// Most cells a resuming client lists in its [`Hello`].
+pub const MAX_RESUME_CELLS: usize = 1024;
 /// Most relays in one [`Directory`].
 pub const MAX_RELAYS: usize = 256;
 /// Largest ping datagram a relay answers.
@@ -114,7 +119,12 @@ const HELLO_MAX: usize = 1
     + 1
     + 8
     + U62_VARINT
-    + bytes_len(MAX_AGENT_LEN);
+    + varint_len(MAX_RESUME_CELLS as u64)
+    + MAX_RESUME_CELLS * 16
+    + bytes_len(MAX_AGENT_LEN)
+    + 1
+    + 12;
+const INTEREST_MAX: usize = 1 + 1 + 12;
 const WELCOME_MAX: usize = 1
     + U32_VARINT
     + 8
@@ -167,6 +177,8 @@ pub enum MessageType {
     Input,
     /// [`InputBatch`], 0x13.
     InputBatch,
+    /// [`Interest`], 0x14.
+    Interest,
     /// [`Directory`], 0x20.
     Directory,
     /// [`Ping`], 0x30.
@@ -177,7 +189,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every type, in type-byte order.
-    pub const ALL: [MessageType; 12] = [
+    pub const ALL: [MessageType; 13] = [
         MessageType::Hello,
         MessageType::Welcome,
         MessageType::Error,
@@ -187,6 +199,7 @@ impl MessageType {
         MessageType::Ack,
         MessageType::Input,
         MessageType::InputBatch,
+        MessageType::Interest,
         MessageType::Directory,
         MessageType::Ping,
         MessageType::Pong,
@@ -204,6 +217,7 @@ impl MessageType {
             MessageType::Ack => 0x11,
             MessageType::Input => 0x12,
             MessageType::InputBatch => 0x13,
+            MessageType::Interest => 0x14,
             MessageType::Directory => 0x20,
             MessageType::Ping => 0x30,
             MessageType::Pong => 0x31,
@@ -222,6 +236,7 @@ impl MessageType {
             0x11 => MessageType::Ack,
             0x12 => MessageType::Input,
             0x13 => MessageType::InputBatch,
+            0x14 => MessageType::Interest,
             0x20 => MessageType::Directory,
             0x30 => MessageType::Ping,
             0x31 => MessageType::Pong,
@@ -242,6 +257,7 @@ impl MessageType {
             MessageType::Ack => ACK_MAX,
             MessageType::Input => INPUT_MAX,
             MessageType::InputBatch => INPUT_BATCH_MAX,
+            MessageType::Interest => INTEREST_MAX,
             MessageType::Directory => DIRECTORY_MAX,
             MessageType::Ping => MAX_PING_LEN,
             MessageType::Pong => MAX_PONG_LEN,
@@ -273,6 +289,7 @@ impl MessageType {
             MessageType::Ack => "ack",
             MessageType::Input => "input",
             MessageType::InputBatch => "input_batch",
+            MessageType::Interest => "interest",
             MessageType::Directory => "directory",
             MessageType::Ping => "ping",
             MessageType::Pong => "pong",
@@ -316,6 +333,8 @@ pub enum Message {
     Input(Input),
     /// See [`InputBatch`].
     InputBatch(InputBatch),
+    /// See [`Interest`].
+    Interest(Interest),
     /// See [`Directory`].
     Directory(Directory),
     /// See [`Ping`].
@@ -337,6 +356,7 @@ macro_rules! each {
             Message::Ack($m) => $body,
             Message::Input($m) => $body,
             Message::InputBatch($m) => $body,
+            Message::Interest($m) => $body,
             Message::Directory($m) => $body,
             Message::Ping($m) => $body,
             Message::Pong($m) => $body,
@@ -357,7 +377,8 @@ macro_rules! from_struct {
 }
 
 from_struct!(
-    Hello, Welcome, Error, Goaway, Subscribe, Update, Ack, Input, InputBatch, Directory, Ping, Pong
+    Hello, Welcome, Error, Goaway, Subscribe, Update, Ack, Input, InputBatch, Interest, Directory,
+    Ping, Pong
 );
 
 /// Fails unless this build speaks `version`.
@@ -588,6 +609,7 @@ impl Message {
             MessageType::Ack => Message::Ack(body(buf, version)?),
             MessageType::Input => Message::Input(body(buf, version)?),
             MessageType::InputBatch => Message::InputBatch(body(buf, version)?),
+            MessageType::Interest => Message::Interest(body(buf, version)?),
             MessageType::Directory => Message::Directory(body(buf, version)?),
             MessageType::Ping => Message::Ping(body(buf, version)?),
             MessageType::Pong => Message::Pong(body(buf, version)?),

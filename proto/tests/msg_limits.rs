@@ -319,6 +319,7 @@ fn versions_are_arguments_and_mismatches_are_refused() {
         world: "w".into(),
         resume: None,
         agent: "a".into(),
+        interest: None,
     };
     let subscribe = Subscribe {
         version: 9,
@@ -411,6 +412,7 @@ fn encoders_refuse_what_decoders_would_refuse() {
         world: "w".into(),
         resume: None,
         agent: String::new(),
+        interest: None,
     };
     assert_eq!(
         encode(hello),
@@ -548,8 +550,20 @@ fn type_limits_are_exactly_the_largest_messages() {
             resume: Some(Resume {
                 session: u64::MAX,
                 last_ack: max_tick,
+                cells: vec![
+                    CellId {
+                        x: i32::MIN,
+                        y: i32::MAX
+                    };
+                    MAX_RESUME_CELLS
+                ],
             }),
             agent: s(MAX_AGENT_LEN),
+            interest: Some(Area {
+                x: 1.0,
+                y: 2.0,
+                radius: 3.0,
+            }),
         }),
         Message::from(Error {
             code: ErrorCode::Unknown(u16::MAX),
@@ -658,6 +672,7 @@ fn message_type_bytes_are_pinned() {
         (MessageType::Ack, 0x11, "ack", true),
         (MessageType::Input, 0x12, "input", true),
         (MessageType::InputBatch, 0x13, "input_batch", false),
+        (MessageType::Interest, 0x14, "interest", false),
         (MessageType::Directory, 0x20, "directory", false),
         (MessageType::Ping, 0x30, "ping", true),
         (MessageType::Pong, 0x31, "pong", true),

@@ -97,15 +97,25 @@ fn hello() -> impl Strategy<Value = Hello> {
     (
         bytes(MAX_TOKEN_LEN),
         text(MAX_WORLD_LEN),
-        prop::option::of((any::<u64>(), tick())),
+        prop::option::of((
+            any::<u64>(),
+            tick(),
+            prop::collection::vec(any::<(i32, i32)>(), 0..8),
+        )),
         text(MAX_AGENT_LEN),
+        prop::option::of((-1e6f32..1e6, -1e6f32..1e6, 0f32..1e4)),
     )
-        .prop_map(|(token, world, resume, agent)| Hello {
+        .prop_map(|(token, world, resume, agent, area)| Hello {
             version: VERSION,
             token,
             world,
-            resume: resume.map(|(session, last_ack)| Resume { session, last_ack }),
+            resume: resume.map(|(session, last_ack, cells)| Resume {
+                session,
+                last_ack,
+                cells: cells.into_iter().map(|(x, y)| CellId { x, y }).collect(),
+            }),
             agent,
+            interest: area.map(|(x, y, radius)| Area { x, y, radius }),
         })
 }
 
@@ -270,6 +280,11 @@ fn message() -> impl Strategy<Value = Message> {
         tick().prop_map(|tick| Message::from(Ack { tick })),
         input().prop_map(Message::from),
         input_batch().prop_map(Message::from),
+        prop::option::of((-1e6f32..1e6, -1e6f32..1e6, 0f32..1e4)).prop_map(|area| {
+            Message::from(Interest {
+                area: area.map(|(x, y, radius)| Area { x, y, radius }),
+            })
+        }),
         prop::collection::vec(relay_info(), 0..6)
             .prop_map(|relays| Message::from(Directory { relays })),
         any::<(u64, u64)>().prop_map(|(nonce, sent_us)| Message::from(Ping {

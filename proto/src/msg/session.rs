@@ -2,18 +2,20 @@
 
 use bytes::{Buf, BufMut, Bytes};
 
+use super::state::{Area, CellId};
 use super::{
-    Body, ErrorCode, MAX_ADDR_LEN, MAX_AGENT_LEN, MAX_REGION_LEN, MAX_RELAY_ID_LEN, MAX_SCHEMA_LEN,
-    MAX_TEXT_LEN, MAX_TICK_RATE, MAX_TOKEN_LEN, MAX_WORLD_LEN, MessageType, get_version,
+    Body, ErrorCode, MAX_ADDR_LEN, MAX_AGENT_LEN, MAX_REGION_LEN, MAX_RELAY_ID_LEN,
+    MAX_RESUME_CELLS, MAX_SCHEMA_LEN, MAX_TEXT_LEN, MAX_TICK_RATE, MAX_TOKEN_LEN, MAX_WORLD_LEN,
+    MessageType, get_version,
 };
 use crate::schema::Schema;
 use crate::wire::{
-    DecodeError, EncodeError, bytes_len, check_len, check_varint, get, get_bytes, get_flag,
-    get_len, get_string, get_varint, get_varint_u32, put_bytes, put_varint, varint_len,
+    DecodeError, EncodeError, bytes_len, check_len, check_varint, get, get_bytes, get_count,
+    get_flag, get_len, get_string, get_varint, get_varint_u32, put_bytes, put_varint, varint_len,
 };
 
 /// Client → relay: the first message of a client connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Hello {
     /// Protocol version the client speaks.
     pub version: u32,
@@ -27,16 +29,22 @@ pub struct Hello {
     /// Client software name and version, at most
     /// [`MAX_AGENT_LEN`](super::MAX_AGENT_LEN) bytes.
     pub agent: String,
+    /// The area the client wants (`None`: the whole world).
+    pub interest: Option<Area>,
 }
 
 /// What a client continuing a session tells its new relay.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Resume {
     /// Session id from the previous relay's [`Welcome`].
     pub session: u64,
     /// Newest tick the client applied: the baseline the new relay may code
     /// against if it still holds that tick (ticks are global per world).
     pub last_ack: u64,
+    /// The non-empty cells the client holds at `last_ack`, at most
+    /// [`MAX_RESUME_CELLS`](super::MAX_RESUME_CELLS): with them the new relay
+    /// knows exactly what the client holds.
+    pub cells: Vec<CellId>,
 }
 
 impl Body for Hello {
@@ -47,6 +55,10 @@ impl Body for Hello {
         check_len("world name", self.world.len(), MAX_WORLD_LEN)?;
         if let Some(resume) = &self.resume {
             check_varint("resume last_ack", resume.last_ack)?;
+            check_len("resume cells", resume.cells.len(), MAX_RESUME_CELLS)?;
+        }
+        if let Some(area) = &self.interest {
+            area.check()?;
         }
         check_len("agent", self.agent.len(), MAX_AGENT_LEN)
     }
@@ -56,23 +68,34 @@ impl Body for Hello {
             + bytes_len(self.token.len())
             + bytes_len(self.world.len())
             + 1
-            + self.resume.map_or(0, |r| 8 + varint_len(r.last_ack))
+            + self.resume.as_ref().map_or(0, |r| {
+                8 + varint_len(r.last_ack)
+                    + varint_len(r.cells.len() as u64)
+                    + r.cells.iter().map(|c| c.encoded_len()).sum::<usize>()
+            })
             + bytes_len(self.agent.len())
+            + 1
+            + self.interest.map_or(0, |_| Area::LEN)
     }
 
     fn encode_body<B: BufMut>(&self, out: &mut B) {
         put_varint(out, self.version.into());
         put_bytes(out, &self.token);
         put_bytes(out, self.world.as_bytes());
-        match self.resume {
+        match &self.resume {
             None => out.put_u8(0),
             Some(resume) => {
                 out.put_u8(1);
                 out.put_u64(resume.session);
                 put_varint(out, resume.last_ack);
+                put_varint(out, resume.cells.len() as u64);
+                for cell in &resume.cells {
+                    cell.encode(out);
+                }
             }
         }
         put_bytes(out, self.agent.as_bytes());
+        Area::encode_opt(self.interest.as_ref(), out);
     }
 
     fn decode_body<B: Buf>(buf: &mut B, version: u32) -> Result<Hello, DecodeError> {
@@ -80,20 +103,30 @@ impl Body for Hello {
         let token = get_bytes(buf, MAX_TOKEN_LEN, "hello token")?;
         let world = get_string(buf, MAX_WORLD_LEN, "world name")?;
         let resume = if get_flag(buf, "hello resume flag")? {
+            let session = get(buf)?;
+            let last_ack = get_varint(buf)?;
+            let count = get_count(buf, MAX_RESUME_CELLS, 1, "resume cells")?;
+            let mut cells = Vec::with_capacity(count);
+            for _ in 0..count {
+                cells.push(CellId::decode(buf)?);
+            }
             Some(Resume {
-                session: get(buf)?,
-                last_ack: get_varint(buf)?,
+                session,
+                last_ack,
+                cells,
             })
         } else {
             None
         };
         let agent = get_string(buf, MAX_AGENT_LEN, "agent")?;
+        let interest = Area::decode_opt(buf)?;
         Ok(Hello {
             version,
             token,
             world,
             resume,
             agent,
+            interest,
         })
     }
 }

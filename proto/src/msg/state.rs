@@ -30,7 +30,7 @@ impl CellId {
 
     /// Wire form: `0` for [`CellId::WORLD`], otherwise
     /// `varint(zigzag(x) + 1) | varint(zigzag(y))`.
-    fn encoded_len(self) -> usize {
+    pub(super) fn encoded_len(self) -> usize {
         if self == CellId::WORLD {
             1
         } else {
@@ -38,7 +38,7 @@ impl CellId {
         }
     }
 
-    fn encode<B: BufMut>(self, out: &mut B) {
+    pub(super) fn encode<B: BufMut>(self, out: &mut B) {
         if self == CellId::WORLD {
             put_varint(out, 0);
         } else {
@@ -47,7 +47,7 @@ impl CellId {
         }
     }
 
-    fn decode<B: Buf>(buf: &mut B) -> Result<CellId, DecodeError> {
+    pub(super) fn decode<B: Buf>(buf: &mut B) -> Result<CellId, DecodeError> {
         let x = get_varint(buf)?;
         if x == 0 {
             return Ok(CellId::WORLD);
@@ -67,6 +67,106 @@ fn unzigzag(v: u64) -> Result<i32, DecodeError> {
         what: "cell coordinate",
     })?;
     Ok(((v >> 1) as i32) ^ -((v & 1) as i32))
+}
+
+/// A client's area of interest: the cells within `radius` of `(x, y)`, in
+/// the world's position units.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Area {
+    /// Centre x.
+    pub x: f32,
+    /// Centre y.
+    pub y: f32,
+    /// Radius, at least 0.
+    pub radius: f32,
+}
+
+impl Area {
+    /// Bytes on the wire.
+    pub(super) const LEN: usize = 12;
+
+    pub(super) fn check(&self) -> Result<(), EncodeError> {
+        if !(self.x.is_finite() && self.y.is_finite() && self.radius.is_finite())
+            || self.radius < 0.0
+        {
+            return Err(EncodeError::BadValue {
+                what: "interest area (finite centre, radius >= 0)",
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn encode<B: BufMut>(&self, out: &mut B) {
+        out.put_f32(self.x);
+        out.put_f32(self.y);
+        out.put_f32(self.radius);
+    }
+
+    pub(super) fn decode<B: Buf>(buf: &mut B) -> Result<Area, DecodeError> {
+        if buf.remaining() < Self::LEN {
+            return Err(DecodeError::Incomplete);
+        }
+        let area = Area {
+            x: buf.get_f32(),
+            y: buf.get_f32(),
+            radius: buf.get_f32(),
+        };
+        if area.check().is_err() {
+            return Err(DecodeError::BadValue {
+                what: "interest area (finite centre, radius >= 0)",
+            });
+        }
+        Ok(area)
+    }
+
+    /// Encodes an optional area: a flag byte, then the area.
+    pub(super) fn encode_opt<B: BufMut>(area: Option<&Area>, out: &mut B) {
+        match area {
+            None => out.put_u8(0),
+            Some(a) => {
+                out.put_u8(1);
+                a.encode(out);
+            }
+        }
+    }
+
+    pub(super) fn decode_opt<B: Buf>(buf: &mut B) -> Result<Option<Area>, DecodeError> {
+        if crate::wire::get_flag(buf, "interest flag")? {
+            Ok(Some(Area::decode(buf)?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Client → relay, on the control stream: from the next update on, send the
+/// cells of this area (`None`: the whole world).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Interest {
+    /// The new area.
+    pub area: Option<Area>,
+}
+
+impl Body for Interest {
+    const TYPE: MessageType = MessageType::Interest;
+
+    fn check(&self) -> Result<(), EncodeError> {
+        self.area.as_ref().map_or(Ok(()), Area::check)
+    }
+
+    fn body_len(&self) -> usize {
+        1 + self.area.map_or(0, |_| Area::LEN)
+    }
+
+    fn encode_body<B: BufMut>(&self, out: &mut B) {
+        Area::encode_opt(self.area.as_ref(), out);
+    }
+
+    fn decode_body<B: Buf>(buf: &mut B, _version: u32) -> Result<Interest, DecodeError> {
+        Ok(Interest {
+            area: Area::decode_opt(buf)?,
+        })
+    }
 }
 
 /// The delta of one cell in an [`Update`].
