@@ -5,8 +5,12 @@
 //! world out to many clients, each update delta-coded against what that
 //! client acknowledged and filtered to its area of interest.
 //!
-//! [`fanout`] is the protocol core without I/O; the network layers only move
-//! its bytes.
+//! [`fanout`] is the protocol core without I/O; [`server`] moves its bytes
+//! over QUIC, forwards inputs upstream, serves metrics and drains.
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod fanout;
+pub mod metrics;
+
+pub use config::Config;
