@@ -25,7 +25,11 @@
 //!    `proto::Message` frames over QUIC streams with a size limit per
 //!    stream; [`send_datagram`] and [`read_datagram`] carry one message per
 //!    datagram.
-//! 4. **Admin** ([`admin`]). [`admin::serve`] runs `/metrics`, `/healthz`
+//! 4. **Feed** ([`feed`]). The upstream protocol (ALPN
+//!    [`ALPN_UPSTREAM`]): [`feed::serve`] publishes worlds' ticks to
+//!    subscribers, latest wins, and [`Subscription`] receives and verifies
+//!    them; origin → relay and relay → relay alike.
+//! 5. **Admin** ([`admin`]). [`admin::serve`] runs `/metrics`, `/healthz`
 //!    and `/readyz` on an internal listener, never on the data port.
 //!
 //! ```no_run
@@ -46,11 +50,15 @@
 //! ```
 
 pub mod admin;
+pub mod feed;
 pub mod framed;
 pub mod quic;
 pub mod tls;
 
 pub use admin::Readiness;
+pub use feed::{
+    FeedError, FeedStats, FeedTick, PublisherConfig, Source, Subscription, WorldInfo, Worlds,
+};
 pub use framed::{
     FrameError, FramedRecv, FramedSend, read_datagram, read_message, send_datagram, write_message,
 };
