@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine that has only the Rust toolchain.
+#
+#   scripts/test.sh [extra arguments for the test runner]
+#
+# 1. Installs the system packages that tests need, when they are missing
+#    (apt-get; as root, or through sudo).
+# 2. Runs every test of the workspace: with cargo-nextest when it is
+#    installed (per-test timeouts from .config/nextest.toml), then the doc
+#    tests, which nextest does not run; with `cargo test` otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Commands that tests call, as "command:debian-package". None yet; tests that
+# start real servers (dnsmasq, prometheus, ...) add theirs here.
+needs=()
+
+missing=()
+for need in ${needs[@]+"${needs[@]}"}; do
+    command -v "${need%%:*}" >/dev/null 2>&1 || missing+=("${need#*:}")
+done
+if ((${#missing[@]})); then
+    echo "installing test dependencies: ${missing[*]}" >&2
+    sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        sudo=(sudo)
+    fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-tests=pass "$@"
+    cargo test --workspace --doc
+else
+    echo "cargo-nextest not found: running cargo test (no per-test timeouts)" >&2
+    cargo test --workspace "$@"
+fi
