@@ -10,6 +10,7 @@
 
 pub mod demo;
 pub mod logging;
+pub mod origin_cmd;
 pub mod trace;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ pub struct Cli {
 pub enum Command {
     /// Run an origin with a built-in world and show what it sends, live.
     Demo(demo::Args),
+    /// Run an origin: a world's authoritative simulation, served to relays.
+    Origin(origin_cmd::Args),
     /// Record worlds to trace files and measure the codec on them.
     #[command(subcommand)]
     Trace(trace::Command),
@@ -42,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     logging::init(cli.log_format)?;
     match cli.command {
         Command::Demo(args) => demo::run(args),
+        Command::Origin(args) => origin_cmd::run(args),
         Command::Trace(command) => trace::run(command),
     }
 }
