@@ -33,9 +33,10 @@ pub struct Args {
     /// Seconds to run; without it, runs until Ctrl-C.
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Ticks back of the older baseline (6 is 100 ms at 60 Hz).
-    #[arg(long, default_value_t = 6)]
-    pub lag: usize,
+    /// Ticks back of the older baseline [default: 100 ms of ticks, 6 for
+    /// cubes at 60 Hz, 2 for plaza at 20 Hz].
+    #[arg(long)]
+    pub lag: Option<usize>,
     /// For plaza: number of avatars (default: the world's default).
     #[arg(long)]
     pub avatars: Option<u32>,
@@ -312,6 +313,7 @@ pub struct Summary {
 fn summary(
     args: &Args,
     rate: u32,
+    lag: usize,
     all: &Totals,
     last: Option<&TickStats>,
     elapsed: Duration,
@@ -328,7 +330,7 @@ fn summary(
         ticks: all.ticks,
         ticks_per_second: all.ticks as f64 / seconds.max(1e-9),
         skipped_ticks: skipped,
-        lag: args.lag,
+        lag,
         changed_per_tick: all.changed_per_tick(),
         delta_prev_bytes_per_tick: all.prev_bytes(),
         delta_lag_bytes_per_tick: all.lag_bytes(),
@@ -472,7 +474,6 @@ enum View {
 
 /// Runs the demo until the duration ends or Ctrl-C.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    ensure!(args.lag >= 1, "--lag must be at least 1");
     if let Some(d) = args.duration {
         ensure!(
             d.is_finite() && d > 0.0,
@@ -482,7 +483,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let sim = crate::trace::world(&args.world, args.seed, args.avatars)?;
     let rate = sim.tick_rate();
     ensure!(rate > 0, "world {} declares a tick rate of 0", args.world);
-    let mut origin = Origin::new(sim, args.lag)?;
+    // By default the older baseline is 100 ms back, the challenge's rule.
+    let lag = args
+        .lag
+        .unwrap_or_else(|| (f64::from(rate) / 10.0).round().max(1.0) as usize);
+    ensure!(lag >= 1, "--lag must be at least 1");
+    let mut origin = Origin::new(sim, lag)?;
     let view = if args.json {
         View::Quiet
     } else if std::io::stdout().is_terminal() {
@@ -500,6 +506,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let s = summary(
         &args,
         rate,
+        lag,
         &run.all,
         run.last.as_ref(),
         run.elapsed,
@@ -564,7 +571,7 @@ async fn drive(args: &Args, rate: u32, origin: &mut Origin, view: View) -> anyho
                 window.add(&stats);
                 let now = Instant::now();
                 if view != View::Quiet && now >= next_view {
-                    let s = summary(args, rate, &all, Some(&stats), now - started, skipped);
+                    let s = summary(args, rate, origin.lag, &all, Some(&stats), now - started, skipped);
                     match view {
                         View::Screen => {
                             // Home, draw, clear what is left of the old screen.
@@ -576,7 +583,7 @@ async fn drive(args: &Args, rate: u32, origin: &mut Origin, view: View) -> anyho
                                 stdout,
                                 "tick {} entities {} changed {:.1} delta-1 {:.1} B delta-{} {:.1} B full {:.0} B hash {} step {:.3} ms",
                                 stats.tick, stats.entities, window.changed_per_tick(), window.prev_bytes(),
-                                args.lag, window.lag_bytes(), window.full_bytes(), stats.hash,
+                                origin.lag, window.lag_bytes(), window.full_bytes(), stats.hash,
                                 Totals::ms(window.step_ns, window.ticks),
                             );
                             next_view = now + LINE_PERIOD;

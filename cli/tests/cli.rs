@@ -252,6 +252,7 @@ fn demo_runs_for_its_duration_and_summarizes() {
     assert_eq!(summary["world"], "cubes");
     assert_eq!(summary["entities"], 901);
     assert_eq!(summary["tick_rate"], 60);
+    assert_eq!(summary["lag"], 6);
     assert_eq!(summary["exact"], Value::Bool(true), "{summary:#}");
     let seconds = num(&summary, "seconds");
     assert!((1.9..=wall).contains(&seconds), "{seconds} s of {wall} s");
@@ -273,4 +274,29 @@ fn demo_runs_for_its_duration_and_summarizes() {
         hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()),
         "{hash}"
     );
+}
+
+#[test]
+fn demo_runs_plaza_at_its_own_rate() {
+    let summary = json(&ok(&[
+        "demo",
+        "--world",
+        "plaza",
+        "--avatars",
+        "300",
+        "--duration",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(summary["world"], "plaza");
+    assert_eq!(summary["entities"], 300);
+    assert_eq!(summary["tick_rate"], 20);
+    // 100 ms at 20 Hz.
+    assert_eq!(summary["lag"], 2);
+    assert_eq!(summary["exact"], Value::Bool(true), "{summary:#}");
+    let ticks = num(&summary, "ticks");
+    assert!((5.0..=22.0).contains(&ticks), "{summary:#}");
+    let full = num(&summary, "full_bytes_per_tick");
+    let lag = num(&summary, "delta_lag_bytes_per_tick");
+    assert!(lag > 0.0 && lag < full, "{summary:#}");
 }
