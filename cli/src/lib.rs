@@ -8,6 +8,7 @@
 //! `main.rs` only parses the command line and calls [`run`]; tests and tools
 //! call the subcommand modules directly.
 
+pub mod client_cmd;
 pub mod demo;
 pub mod logging;
 pub mod origin_cmd;
@@ -31,6 +32,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Join a world through a relay as a headless client: verify every
+    /// tick, show a live status line, end with a summary.
+    Client(client_cmd::Args),
     /// Run an origin with a built-in world and show what it sends, live.
     Demo(demo::Args),
     /// Run an origin: a world's authoritative simulation, served to relays.
@@ -44,6 +48,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     logging::init(cli.log_format)?;
     match cli.command {
+        Command::Client(args) => client_cmd::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Origin(args) => origin_cmd::run(args),
         Command::Trace(command) => trace::run(command),

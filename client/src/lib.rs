@@ -3,6 +3,13 @@
 //! The client library: connects to a relay, keeps a verified [`replica`] of
 //! the world (or of the cells it is interested in), acknowledges what it
 //! applied, and sends inputs.
+//!
+//! [`replica`] is the protocol core without I/O; [`session`] runs it over
+//! QUIC against one relay.
 #![warn(missing_docs)]
 
 pub mod replica;
+pub mod session;
+
+pub use replica::{Event, Replica};
+pub use session::{Blame, Config, Session, SessionError, SessionEvent, Stats};

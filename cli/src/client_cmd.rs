@@ -1,0 +1,433 @@
+//! `statecast client`: a headless client. It joins a world through a relay,
+//! applies and verifies every tick against the origin's hash, shows a live
+//! status line on stderr, and ends with a summary (human, or one JSON object
+//! with `--json`).
+//!
+//! It runs until `--duration` has passed, Ctrl-C, or the relay ends the
+//! session. The exit status is non-zero when any tick diverged from the
+//! origin's hash, when the relay refused the session, and when the session
+//! ended on an error rather than on request.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use client::session::{self, Blame, Config, Session, SessionEvent, Stats};
+use proto::ErrorCode;
+use proto::msg::Area;
+use serde::Serialize;
+use tokio::time::{Instant, MissedTickBehavior};
+use transport::Trust;
+
+/// Arguments of `client`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The relay's client address, `host:port`.
+    #[arg(long, default_value = "127.0.0.1:4434", env = "STATECAST_RELAY")]
+    pub relay: String,
+    /// World to join.
+    #[arg(long, default_value = "plaza", env = "STATECAST_WORLD")]
+    pub world: String,
+    /// Seconds to run; without it, runs until Ctrl-C or the relay ends the
+    /// session.
+    #[arg(long, env = "STATECAST_DURATION", value_parser = parse_duration)]
+    pub duration: Option<f64>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long, env = "STATECAST_JSON")]
+    pub json: bool,
+    /// Area of interest, `X,Y,R` in world units (centre and radius);
+    /// without it, the whole world.
+    #[arg(long, env = "STATECAST_AREA", value_parser = parse_area, allow_hyphen_values = true)]
+    pub area: Option<Area>,
+    /// Name the relay's certificate must carry. Default: the host of
+    /// `--relay` when it is a name, else `localhost` (which development
+    /// certificates carry).
+    #[arg(long, env = "STATECAST_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// CA certificate(s) to trust (PEM), for relays with production
+    /// certificates. Without it, the local development CA.
+    #[arg(long, env = "STATECAST_CA")]
+    pub ca: Option<PathBuf>,
+    /// Data directory of the local development CA (default
+    /// `$STATECAST_DATA`, else `./.statecast`); ignored with `--ca`.
+    #[arg(long, env = "STATECAST_DATA")]
+    pub data_dir: Option<PathBuf>,
+    /// Token to present to the relay.
+    #[arg(long, env = "STATECAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+fn parse_duration(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => Ok(secs),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
+}
+
+fn parse_area(text: &str) -> Result<Area, String> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let [x, y, radius] = parts[..] else {
+        return Err(format!("{text:?} is not X,Y,R (three numbers)"));
+    };
+    let num = |s: &str| {
+        s.parse::<f32>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| format!("{s:?} is not a finite number"))
+    };
+    let area = Area {
+        x: num(x)?,
+        y: num(y)?,
+        radius: num(radius)?,
+    };
+    if area.radius < 0.0 {
+        return Err(format!("the radius {} is negative", area.radius));
+    }
+    Ok(area)
+}
+
+/// How often the status line is redrawn.
+const STATUS_PERIOD: Duration = Duration::from_secs(1);
+/// How often a status line is printed when stderr is not a terminal.
+const LOG_PERIOD: Duration = Duration::from_secs(5);
+/// Longest wait for the close to reach the relay.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// What `--json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The relay address used.
+    pub relay: String,
+    /// The relay's id and region, from its welcome.
+    pub relay_id: Option<String>,
+    /// The relay's region.
+    pub region: Option<String>,
+    /// Session id.
+    pub session: Option<u64>,
+    /// World joined.
+    pub world: String,
+    /// Seconds from the welcome to the end.
+    pub duration_s: f64,
+    /// Why the run ended.
+    pub ended: String,
+    /// Set when the run failed (refused, divergences, session error).
+    pub error: Option<String>,
+    /// The session's counters.
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+/// Runs `statecast client`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let summary = runtime.block_on(drive(&args))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    match summary.error {
+        Some(error) => bail!(error),
+        None => Ok(()),
+    }
+}
+
+/// The server name to check: the host of `relay` if it is a DNS name.
+fn default_server_name(relay: &str) -> String {
+    let host = match relay.rsplit_once(':') {
+        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+        None => relay,
+    };
+    if host.parse::<std::net::IpAddr>().is_ok() || host.is_empty() {
+        "localhost".to_owned()
+    } else {
+        host.to_owned()
+    }
+}
+
+async fn resolve(relay: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(relay)
+        .await
+        .with_context(|| format!("cannot resolve the relay address {relay:?} (host:port)"))?
+        .next()
+        .with_context(|| format!("{relay:?} resolves to no address"))
+}
+
+/// Connects, runs until the end, and returns the summary (failures that
+/// happen after the relay answered are in [`Summary::error`]).
+async fn drive(args: &Args) -> anyhow::Result<Summary> {
+    let trust = Trust::from_flags(None, None, args.ca.clone(), args.data_dir.clone());
+    tracing::info!("trust: {}", trust.describe());
+    let dev_ca = matches!(trust, Trust::DevCa { .. });
+    let tls = trust.load().context("cannot load the certificates")?;
+    let addr = resolve(&args.relay).await?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let endpoint = session::endpoint(&tls, bind)?;
+    let mut config = Config::new(addr, args.world.clone());
+    config.server_name = args
+        .server_name
+        .clone()
+        .unwrap_or_else(|| default_server_name(&args.relay));
+    config.interest = args.area;
+    if let Some(token) = &args.token {
+        config.token = token.clone().into_bytes().into();
+    }
+    tracing::info!(relay = %addr, world = %args.world, "connecting");
+
+    let mut summary = Summary {
+        relay: args.relay.clone(),
+        relay_id: None,
+        region: None,
+        session: None,
+        world: args.world.clone(),
+        duration_s: 0.0,
+        ended: String::new(),
+        error: None,
+        stats: Stats::default(),
+    };
+    let mut session = match Session::connect(&endpoint, config).await {
+        Ok(session) => session,
+        Err(error) => {
+            let mut message = format!("cannot join world {:?} at {addr}: {error}", args.world);
+            match error.blame() {
+                Blame::Network => message += " (is a relay listening there?)",
+                // TLS failures: the relay's certificate is not trusted here.
+                Blame::Unknown if dev_ca => {
+                    message += " (does the relay use the same development CA? \
+                                see --data-dir, or pass --ca)"
+                }
+                _ => {}
+            }
+            summary.ended = "not connected".to_owned();
+            summary.error = Some(message);
+            return Ok(summary);
+        }
+    };
+    let welcome = session.welcome();
+    tracing::info!(
+        session = format_args!("{:#x}", welcome.session),
+        relay_id = %welcome.relay_id,
+        region = %welcome.region,
+        tick_rate = welcome.tick_rate,
+        tick = welcome.tick,
+        "joined"
+    );
+    summary.relay_id = Some(welcome.relay_id.clone());
+    summary.region = Some(welcome.region.clone());
+    summary.session = Some(welcome.session);
+
+    let started = Instant::now();
+    let (ended, error) = run_session(&mut session, args, started).await;
+    summary.duration_s = started.elapsed().as_secs_f64();
+    summary.stats = session.stats().clone();
+    summary.ended = ended;
+    summary.error = error.or_else(|| {
+        (summary.stats.divergences > 0).then(|| {
+            format!(
+                "{} of {} ticks did not match the origin's hash",
+                summary.stats.divergences, summary.stats.hash_checked
+            )
+        })
+    });
+    session.close().await;
+    let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
+    Ok(summary)
+}
+
+/// Handles events until the end; returns why it ended and, if it failed,
+/// how.
+async fn run_session(
+    session: &mut Session,
+    args: &Args,
+    started: Instant,
+) -> (String, Option<String>) {
+    let stop = async {
+        match args.duration {
+            Some(secs) => tokio::time::sleep(Duration::from_secs_f64(secs)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let terminal = std::io::stderr().is_terminal();
+    let mut status = tokio::time::interval_at(
+        started + STATUS_PERIOD,
+        if terminal { STATUS_PERIOD } else { LOG_PERIOD },
+    );
+    status.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut window = Window::new(started);
+
+    let outcome = loop {
+        tokio::select! {
+            event = session.next_event() => match event {
+                Ok(SessionEvent::Applied { latency_us, .. }) => {
+                    if let Some(us) = latency_us {
+                        window.latency.record_us(us);
+                    }
+                }
+                Ok(SessionEvent::Divergence { tick, expected, got }) => {
+                    tracing::warn!(tick, %expected, %got, "state diverged from the origin's hash");
+                }
+                Ok(SessionEvent::Goaway(goaway)) => {
+                    tracing::warn!(
+                        reason = %goaway.reason,
+                        redirect = ?goaway.redirect,
+                        deadline_ms = goaway.deadline_ms,
+                        "the relay is draining (this client does not fail over)"
+                    );
+                }
+                Ok(SessionEvent::Closed { code, reason }) => {
+                    let ended = format!("the relay ended the session: {reason}");
+                    let failed = code != Some(ErrorCode::Normal);
+                    let detail = code.map_or("connection lost".to_owned(), |c| c.to_string());
+                    break (ended.clone(), failed.then(|| format!("{ended} ({detail})")));
+                }
+                Err(error) => {
+                    break ("session error".to_owned(), Some(error.to_string()));
+                }
+            },
+            _ = status.tick() => window.report(session, terminal),
+            _ = &mut stop => break ("duration reached".to_owned(), None),
+            _ = &mut ctrl_c => break ("interrupted".to_owned(), None),
+        }
+    };
+    if terminal {
+        eprintln!();
+    }
+    outcome
+}
+
+/// What changed since the last status line.
+struct Window {
+    at: Instant,
+    bytes: u64,
+    ticks: u64,
+    latency: client::session::Latency,
+}
+
+impl Window {
+    fn new(at: Instant) -> Window {
+        Window {
+            at,
+            bytes: 0,
+            ticks: 0,
+            latency: Default::default(),
+        }
+    }
+
+    fn report(&mut self, session: &Session, terminal: bool) {
+        let stats = session.stats();
+        let now = Instant::now();
+        let secs = now.duration_since(self.at).as_secs_f64().max(1e-3);
+        let kbps = (stats.bytes_received - self.bytes) as f64 * 8.0 / 1000.0 / secs;
+        let rate = (stats.ticks_applied - self.ticks) as f64 / secs;
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        let line = format!(
+            "tick {} | {} applied ({rate:.0}/s) | {kbps:.1} kbit/s | latency p50 {} p99 {} ms | divergences {}",
+            stats.tick.map_or("-".to_owned(), |t| t.to_string()),
+            stats.ticks_applied,
+            ms(self.latency.p50_ms()),
+            ms(self.latency.p99_ms()),
+            stats.divergences,
+        );
+        let mut err = std::io::stderr().lock();
+        let _ = if terminal {
+            write!(err, "\r\x1b[2K{line}")
+        } else {
+            writeln!(err, "{line}")
+        };
+        let _ = err.flush();
+        *self = Window::new(now);
+        self.bytes = stats.bytes_received;
+        self.ticks = stats.ticks_applied;
+    }
+}
+
+fn print_summary(summary: &Summary) {
+    let s = &summary.stats;
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2} ms"));
+    let kbps = if summary.duration_s > 0.0 {
+        s.bytes_received as f64 * 8.0 / 1000.0 / summary.duration_s
+    } else {
+        0.0
+    };
+    println!(
+        "statecast client: relay {} ({}, region {}), world {}, session {}",
+        summary.relay,
+        summary.relay_id.as_deref().unwrap_or("-"),
+        summary.region.as_deref().unwrap_or("-"),
+        summary.world,
+        summary
+            .session
+            .map_or("-".to_owned(), |id| format!("{id:#x}")),
+    );
+    println!(
+        "  ran        {:.1} s, {}",
+        summary.duration_s, summary.ended
+    );
+    println!(
+        "  ticks      {} applied, {} hash checked, {} divergences, {} keyframes",
+        s.ticks_applied, s.hash_checked, s.divergences, s.keyframes
+    );
+    println!(
+        "  updates    {} received ({} on streams), {:.1} KiB, {kbps:.1} kbit/s",
+        s.updates_received,
+        s.updates_on_streams,
+        s.bytes_received as f64 / 1024.0
+    );
+    println!(
+        "  not used   {} stale, {} missing base, {} undecodable, {} superseded, {} overflowed, {} streams reset",
+        s.stale, s.missing_base, s.decode_errors, s.superseded, s.overflowed, s.stream_resets
+    );
+    println!(
+        "  latency    p50 {}, p99 {}, max {} (origin tick to apply)",
+        ms(s.latency_ms.p50_ms()),
+        ms(s.latency_ms.p99_ms()),
+        ms(s.latency_ms.max_ms())
+    );
+    if let Some(error) = &summary.error {
+        println!("  FAILED     {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn areas_parse_and_bad_ones_are_refused() {
+        let area = parse_area("10,-20.5, 30").unwrap();
+        assert_eq!((area.x, area.y, area.radius), (10.0, -20.5, 30.0));
+        for bad in ["1,2", "1,2,3,4", "a,2,3", "1,2,-3", "1,NaN,3", "1,2,inf"] {
+            assert!(parse_area(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_server_name_follows_the_relay_host() {
+        assert_eq!(default_server_name("127.0.0.1:4434"), "localhost");
+        assert_eq!(default_server_name("[::1]:4434"), "localhost");
+        assert_eq!(
+            default_server_name("relay-eu.example.com:4434"),
+            "relay-eu.example.com"
+        );
+    }
+
+    #[test]
+    fn durations_must_be_positive() {
+        assert_eq!(parse_duration("2.5"), Ok(2.5));
+        for bad in ["0", "-1", "x", "inf", "NaN"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
