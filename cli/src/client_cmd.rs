@@ -386,8 +386,14 @@ fn print_summary(summary: &Summary) {
         s.bytes_received as f64 / 1024.0
     );
     println!(
-        "  not used   {} stale, {} missing base, {} undecodable, {} superseded, {} overflowed, {} streams reset",
-        s.stale, s.missing_base, s.decode_errors, s.superseded, s.overflowed, s.stream_resets
+        "  not used   {} stale, {} missing base, {} undecodable, {} superseded, {} overflowed, {} streams reset, {} truncated",
+        s.stale,
+        s.missing_base,
+        s.decode_errors,
+        s.superseded,
+        s.overflowed,
+        s.stream_resets,
+        s.streams_truncated
     );
     println!(
         "  latency    p50 {}, p99 {}, max {} (origin tick to apply)",

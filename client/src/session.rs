@@ -15,7 +15,9 @@
 //! 2. **Updates.** The relay sends each update as a datagram when it fits,
 //!    otherwise on its own unidirectional stream carrying exactly one framed
 //!    update; it resets such a stream when a newer update supersedes it,
-//!    which is normal and only counted ([`Stats::stream_resets`]).
+//!    which is normal and only counted ([`Stats::stream_resets`]; a stream
+//!    finished in the middle of its update is counted too, as
+//!    [`Stats::streams_truncated`]).
 //! 3. **Acknowledgements.** After every update that applies and passes the
 //!    hash check, the client sends an [`Ack`] datagram; the relay codes the
 //!    next updates against the newest acknowledged tick. A divergent state is
@@ -499,6 +501,10 @@ pub struct Stats {
     pub overflowed: u64,
     /// Update streams the relay reset (superseded while in flight).
     pub stream_resets: u64,
+    /// Update streams the relay finished in the middle of the update (a
+    /// relay that drops a superseded stream instead of resetting it): the
+    /// update is lost, nothing else.
+    pub streams_truncated: u64,
     /// Acknowledgements sent.
     pub acks_sent: u64,
     /// Input datagrams sent.
@@ -584,6 +590,7 @@ struct Counters {
     on_streams: u64,
     overflowed: u64,
     stream_resets: u64,
+    streams_truncated: u64,
 }
 
 #[derive(Debug, Default)]
@@ -974,6 +981,7 @@ impl Session {
         self.stats.updates_on_streams = c.on_streams;
         self.stats.overflowed = c.overflowed;
         self.stats.stream_resets = c.stream_resets;
+        self.stats.streams_truncated = c.streams_truncated;
     }
 
     fn apply(&mut self, received: Received) -> Option<SessionEvent> {
@@ -1377,6 +1385,11 @@ async fn read_update_stream(stream: quinn::RecvStream, conn: quinn::Connection, 
     let mut recv = FramedRecv::new(stream);
     let stream_error = |e: FrameError| match e {
         FrameError::Read(ReadError::Reset(_)) => inbox.count(|c| c.stream_resets += 1),
+        // Harmless (the update is simply lost), so not worth a session.
+        FrameError::Truncated { buffered } => {
+            tracing::debug!(buffered, "the relay finished an update stream mid-frame");
+            inbox.count(|c| c.streams_truncated += 1);
+        }
         // The connection's end is reported by the datagram reader.
         FrameError::Read(ReadError::ConnectionLost(_)) | FrameError::Connection(_) => {}
         e if e.is_peer_fault() => violation(

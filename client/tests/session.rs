@@ -170,6 +170,9 @@ struct Serve {
     tamper: Option<u64>,
     /// Tick before which an update stream is opened, half written and reset.
     reset_before: Option<u64>,
+    /// Tick before which an update stream is opened, half written and
+    /// finished (a relay that drops a stream instead of resetting it).
+    truncate_before: Option<u64>,
     /// What to do after the last tick.
     then: Then,
 }
@@ -333,6 +336,11 @@ async fn serve_one(endpoint: quinn::Endpoint, script: Script) -> Report {
             stream.write_all(&[0x48, 0x00, 0x10, 0x01]).await.unwrap();
             stream.reset(0u32.into()).unwrap();
         }
+        if serve.truncate_before == Some(tick) {
+            let mut stream = conn.open_uni().await.unwrap();
+            stream.write_all(&[0x48, 0x00, 0x10, 0x01]).await.unwrap();
+            stream.finish().unwrap();
+        }
         let built = view
             .build_update(&world.state, &state, &world.cache)
             .unwrap();
@@ -430,6 +438,7 @@ async fn applies_verified_ticks_mostly_as_deltas_and_recovers_from_a_divergence(
             ticks: 60,
             tamper: Some(20),
             reset_before: Some(30),
+            truncate_before: Some(35),
             ..Serve::default()
         }),
     );
@@ -557,6 +566,7 @@ async fn applies_verified_ticks_mostly_as_deltas_and_recovers_from_a_divergence(
     assert_eq!(stats.updates_on_streams, report.streams);
     assert!(stats.bytes_received > 0);
     assert_eq!(stats.stream_resets, 1, "the reset stream is only counted");
+    assert_eq!(stats.streams_truncated, 1, "so is the truncated one");
     assert_eq!(stats.decode_errors, 0);
     assert_eq!(stats.latency_ms.count(), stats.ticks_applied);
     assert!(stats.latency_ms.p99_ms().unwrap() < 5_000.0);
