@@ -144,12 +144,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
         }
     }
     let stats = session.stats().clone();
+    let p50 = stats
+        .latency_ms
+        .p50_ms()
+        .map_or("-".to_owned(), |ms| format!("{ms:.1} ms"));
     println!(
-        "{} ticks applied, {} divergences, {} keyframes, latency p50 {:?} ms",
-        stats.ticks_applied,
-        stats.divergences,
-        stats.keyframes,
-        stats.latency_ms.p50_ms()
+        "{} ticks applied, {} divergences, {} keyframes, latency p50 {p50}",
+        stats.ticks_applied, stats.divergences, stats.keyframes
     );
     session.close().await;
     endpoint.wait_idle().await;
