@@ -16,16 +16,29 @@
 //! every delta: no state carries from one update to the next, so any relay
 //! can continue any client.
 //!
-//! ## Prediction
+//! ## Prediction and contexts
 //!
 //! With one baseline, the prediction of a value is its baseline value. When
-//! the receiver also holds an older snapshot ([`Prediction::prev`]), a moving
-//! entity is extrapolated linearly: `base + (base - prev) * ahead / span`,
-//! in integers, clamped to the lane's range. Residuals wrap modulo the lane's
-//! range, so coding stays exact whatever the prediction. Whether an entity
-//! moved between `prev` and `base`, and by how much, is also the context that
-//! selects the adaptive models: moving things keep moving, resting things
-//! keep resting, and big motions give big residuals.
+//! the receiver also holds an older snapshot ([`Prediction::prev`]), the
+//! number lanes of a moving entity are extrapolated linearly:
+//! `base + (base - prev) * ahead / span`, in integers, clamped to the lane's
+//! range. Quaternion components are not extrapolated (on the cubes trace it
+//! cost more than it saved). Residuals wrap modulo the lane's range, so
+//! coding stays exact whatever the prediction.
+//!
+//! The adaptive models are chosen by context:
+//!
+//! - the entity-changed flag by the last two flags, the entity's motion
+//!   between `prev` and `base`, and the baseline's first two bool lanes;
+//! - the field mask by a bit tree over the first eight fields (so fields that
+//!   change together cost little) and the entity's motion;
+//! - a residual's magnitude by the lane's own motion, the magnitude of the
+//!   previous lane of the entity and of the same lane in the previous changed
+//!   entity; its sign by the lane's direction of motion.
+//!
+//! Moving things keep moving, resting things keep resting, neighbours in id
+//! order tend to move together, and big motions give big residuals: the
+//! contexts turn each of these into fewer bits.
 //!
 //! ## Safety
 //!
@@ -108,8 +121,34 @@ fn bucket(class: u32) -> usize {
     }
 }
 
-/// Contexts per lane: motion bucket x previous-lane bucket.
-const VALUE_CTX: usize = BUCKETS * BUCKETS;
+/// Contexts per lane: motion bucket x previous-lane bucket x the same
+/// lane's bucket in the previous changed entity.
+const VALUE_CTX: usize = BUCKETS * BUCKETS * BUCKETS;
+/// Contexts of the entity-changed flag: the last two flags (4) x motion
+/// bucket (3) x the baseline's first two bool lanes (4).
+const CHANGED_CTX: usize = 4 * BUCKETS * 4;
+/// Fields whose change mask is coded jointly (a bit tree over them).
+const JOINT_FIELDS: usize = 8;
+/// Mask-tree nodes per motion bucket: the joint tree, then two per
+/// further field (previous field changed or not).
+const MASK_NODES: usize = (1 << JOINT_FIELDS) + 2 * crate::schema::MAX_FIELDS;
+
+#[inline]
+fn value_ctx(motion: usize, prev_lane: u32, prev_entity: u32) -> usize {
+    let _ = prev_entity;
+    (motion * BUCKETS + bucket(prev_lane)) * BUCKETS
+}
+
+/// Index of the mask bit of field `f` given the mask bits coded before it.
+#[inline]
+fn mask_node(motion: usize, f: usize, prefix: u32, prev: bool) -> usize {
+    let node = if f < JOINT_FIELDS {
+        (1usize << f) | prefix as usize
+    } else {
+        (1 << JOINT_FIELDS) + 2 * (f - JOINT_FIELDS) + prev as usize
+    };
+    motion * MASK_NODES + node
+}
 
 /// The adaptive models of one delta. Kept in a [`Codec`] to reuse memory.
 #[derive(Clone)]
@@ -118,14 +157,20 @@ struct Models {
     removed_gap: UintModel,
     added_count: UintModel,
     added_gap: UintModel,
-    /// Entity changed? ctx: previous entity changed (2) x motion bucket (3).
-    changed: [Bit; 2 * BUCKETS],
-    /// Per field: changed? ctx: previous field changed (2) x motion bucket (3).
-    field: Vec<[Bit; 2 * BUCKETS]>,
+    /// Entity changed? See [`CHANGED_CTX`].
+    changed: [Bit; CHANGED_CTX],
+    /// Field change masks: a bit tree per motion bucket ([`mask_node`]).
+    field: Vec<Bit>,
+    /// Lanes whose baseline values are context for the changed flag.
+    flag_lanes: Vec<usize>,
+    /// Per lane, the magnitude class in the previous changed entity.
+    lane_history: Vec<u32>,
+    /// The lane kinds these models were made for.
+    kinds: Vec<LaneKind>,
     /// Per lane and context: residual magnitude.
     value: Vec<[UintModel; VALUE_CTX]>,
     /// Per lane and context: residual sign.
-    sign: Vec<[Bit; VALUE_CTX]>,
+    sign: Vec<[Bit; 3 * BUCKETS]>,
     /// Quaternion largest index, per baseline largest index: 2-bit tree.
     largest: [[Bit; 4]; 5],
     /// New entities: per lane residual against the previous new entity.
@@ -135,6 +180,16 @@ struct Models {
 }
 
 impl Models {
+    /// Context of an entity's changed flag.
+    #[inline]
+    fn changed_ctx(&self, history: usize, motion: usize, base: &[u32]) -> usize {
+        let mut flags = 0;
+        for (i, &lane) in self.flag_lanes.iter().enumerate() {
+            flags |= (base[lane] as usize & 1) << i;
+        }
+        ((history & 3) * BUCKETS + motion) * 4 + flags
+    }
+
     fn new(layout: &Layout) -> Models {
         let lanes = layout.lane_count();
         Models {
@@ -142,10 +197,20 @@ impl Models {
             removed_gap: UintModel::default(),
             added_count: UintModel::default(),
             added_gap: UintModel::default(),
-            changed: [Bit::default(); 2 * BUCKETS],
-            field: vec![[Bit::default(); 2 * BUCKETS]; layout.fields().len()],
+            changed: [Bit::default(); CHANGED_CTX],
+            field: vec![Bit::default(); BUCKETS * MASK_NODES],
+            flag_lanes: layout
+                .lanes()
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| **k == LaneKind::Bool)
+                .map(|(i, _)| i)
+                .take(2)
+                .collect(),
+            lane_history: vec![0; lanes],
+            kinds: layout.lanes().to_vec(),
             value: vec![std::array::from_fn(|_| UintModel::default()); lanes],
-            sign: vec![[Bit::default(); VALUE_CTX]; lanes],
+            sign: vec![[Bit::default(); 3 * BUCKETS]; lanes],
             largest: [[Bit::default(); 4]; 5],
             added_value: vec![UintModel::default(); lanes],
             added_sign: vec![Bit::default(); lanes],
@@ -154,7 +219,7 @@ impl Models {
     }
 
     fn reset(&mut self, layout: &Layout) {
-        if self.field.len() != layout.fields().len() || self.value.len() != layout.lane_count() {
+        if self.kinds != layout.lanes() {
             *self = Models::new(layout);
             return;
         }
@@ -162,14 +227,15 @@ impl Models {
         self.removed_gap = UintModel::default();
         self.added_count = UintModel::default();
         self.added_gap = UintModel::default();
-        self.changed = [Bit::default(); 2 * BUCKETS];
-        self.field.fill([Bit::default(); 2 * BUCKETS]);
+        self.changed = [Bit::default(); CHANGED_CTX];
+        self.field.fill(Bit::default());
+        self.lane_history.fill(0);
         for v in &mut self.value {
             for m in v.iter_mut() {
                 *m = UintModel::default();
             }
         }
-        self.sign.fill([Bit::default(); VALUE_CTX]);
+        self.sign.fill([Bit::default(); 3 * BUCKETS]);
         self.largest = [[Bit::default(); 4]; 5];
         self.added_value.fill(UintModel::default());
         self.added_sign.fill(Bit::default());
@@ -249,9 +315,7 @@ impl<'a> PrevCursor<'a> {
 #[inline]
 fn predict(base: u32, prev: Option<u32>, kind: LaneKind, ratio: (u32, u32)) -> u32 {
     match (prev, kind) {
-        (Some(p), LaneKind::Number { max, .. } | LaneKind::QuatComponent { max, .. })
-            if p != base && ratio.1 > 0 =>
-        {
+        (Some(p), LaneKind::Number { max, .. }) if p != base && ratio.1 > 0 => {
             let v = base as i128 + (base as i128 - p as i128) * ratio.0 as i128 / ratio.1 as i128;
             v.clamp(0, max as i128) as u32
         }
@@ -357,28 +421,36 @@ impl Codec {
             pos: 0,
         };
         let kinds = layout.lanes();
-        let mut prev_changed = 0usize;
+        let mut history = 0usize;
         for &(bi, ti) in &kept {
             let (bl, tl) = (base.lanes(bi), target.lanes(ti));
             let (bb, tb) = (base.blobs(bi), target.blobs(ti));
             let motion = cursor.motion(bids[bi], bl);
             let changed = lanes_differ(bl, tl) || bb != tb;
-            enc.bit(
-                &mut m.changed[prev_changed * BUCKETS + motion.bucket],
-                changed,
-            );
-            prev_changed = changed as usize;
+            let ctx = m.changed_ctx(history, motion.bucket, bl);
+            enc.bit(&mut m.changed[ctx], changed);
+            history = (history << 1) | changed as usize;
             if !changed {
                 continue;
             }
-            let mut prev_field = 1usize;
+            let mut prefix = 0u32;
+            let mut prev_field = true;
             let mut prev_class = 0u32;
             for (f, slot) in layout.fields().iter().enumerate() {
                 let fc = field_changed(slot, bl, tl, bb, tb);
-                enc.bit(&mut m.field[f][prev_field * BUCKETS + motion.bucket], fc);
-                prev_field = fc as usize;
+                enc.bit(
+                    &mut m.field[mask_node(motion.bucket, f, prefix, prev_field)],
+                    fc,
+                );
+                prev_field = fc;
+                if f < JOINT_FIELDS {
+                    prefix = (prefix << 1) | fc as u32;
+                }
                 if !fc {
                     prev_class = 0;
+                    for lane in slot.lane..slot.lane + slot.lanes {
+                        m.lane_history[lane] = 0;
+                    }
                     continue;
                 }
                 if let Some(b) = slot.blob {
@@ -407,10 +479,21 @@ impl Codec {
                             };
                             let p = predict(bl[lane], prev, kind, ratio);
                             let r = wrap(tl[lane], p, modulus(kind));
-                            let ctx = motion.bucket * BUCKETS + bucket(prev_class);
+                            let lane_motion = motion
+                                .prev
+                                .map_or(0, |p| bucket(class_of(p[lane].abs_diff(bl[lane]) as u64)));
+                            let direction =
+                                motion.prev.map_or(0, |p| match bl[lane].cmp(&p[lane]) {
+                                    std::cmp::Ordering::Equal => 0,
+                                    std::cmp::Ordering::Greater => 1,
+                                    std::cmp::Ordering::Less => 2,
+                                });
+                            let sign_ctx = direction * BUCKETS + lane_motion;
+                            let ctx = value_ctx(lane_motion, prev_class, m.lane_history[lane]);
                             prev_class = m.value[lane][ctx].encode(&mut enc, r.unsigned_abs());
+                            m.lane_history[lane] = prev_class;
                             if r != 0 {
-                                enc.bit(&mut m.sign[lane][ctx], r < 0);
+                                enc.bit(&mut m.sign[lane][sign_ctx], r < 0);
                             }
                         }
                     }
@@ -515,7 +598,7 @@ impl Codec {
         kept_lanes.clear();
         kept_lanes.reserve(kept_count * lanes_per);
         let mut kept_blobs: Vec<Vec<u8>> = Vec::new();
-        let mut prev_changed = 0usize;
+        let mut history = 0usize;
         for bi in 0..bids.len() {
             if is_removed[bi] {
                 continue;
@@ -527,19 +610,27 @@ impl Codec {
             kept_lanes.extend_from_slice(bl);
             let blob_start = kept_blobs.len();
             kept_blobs.extend_from_slice(bb);
-            let changed = dec.bit(&mut m.changed[prev_changed * BUCKETS + motion.bucket]);
-            prev_changed = changed as usize;
+            let ctx = m.changed_ctx(history, motion.bucket, bl);
+            let changed = dec.bit(&mut m.changed[ctx]);
+            history = (history << 1) | changed as usize;
             if !changed {
                 continue;
             }
             let tl = &mut kept_lanes[start..start + lanes_per];
-            let mut prev_field = 1usize;
+            let mut prefix = 0u32;
+            let mut prev_field = true;
             let mut prev_class = 0u32;
             for (f, slot) in layout.fields().iter().enumerate() {
-                let fc = dec.bit(&mut m.field[f][prev_field * BUCKETS + motion.bucket]);
-                prev_field = fc as usize;
+                let fc = dec.bit(&mut m.field[mask_node(motion.bucket, f, prefix, prev_field)]);
+                prev_field = fc;
+                if f < JOINT_FIELDS {
+                    prefix = (prefix << 1) | fc as u32;
+                }
                 if !fc {
                     prev_class = 0;
+                    for lane in slot.lane..slot.lane + slot.lanes {
+                        m.lane_history[lane] = 0;
+                    }
                     continue;
                 }
                 if let Some(b) = slot.blob {
@@ -565,16 +656,27 @@ impl Codec {
                                 None
                             };
                             let p = predict(bl[lane], prev, kind, ratio);
-                            let ctx = motion.bucket * BUCKETS + bucket(prev_class);
+                            let lane_motion = motion
+                                .prev
+                                .map_or(0, |p| bucket(class_of(p[lane].abs_diff(bl[lane]) as u64)));
+                            let direction =
+                                motion.prev.map_or(0, |p| match bl[lane].cmp(&p[lane]) {
+                                    std::cmp::Ordering::Equal => 0,
+                                    std::cmp::Ordering::Greater => 1,
+                                    std::cmp::Ordering::Less => 2,
+                                });
+                            let sign_ctx = direction * BUCKETS + lane_motion;
+                            let ctx = value_ctx(lane_motion, prev_class, m.lane_history[lane]);
                             let (mag, class) = m.value[lane][ctx]
                                 .decode(&mut dec)
                                 .ok_or(DeltaError::Truncated)?;
                             prev_class = class;
+                            m.lane_history[lane] = class;
                             let modulus = modulus(kind);
                             if mag > modulus / 2 {
                                 return Err(DeltaError::OutOfRange { lane, value: mag });
                             }
-                            let r = if mag != 0 && dec.bit(&mut m.sign[lane][ctx]) {
+                            let r = if mag != 0 && dec.bit(&mut m.sign[lane][sign_ctx]) {
                                 -(mag as i64)
                             } else {
                                 mag as i64
