@@ -12,7 +12,7 @@
 //!    same lane of the previous new entity.
 //!
 //! A keyframe is a delta from the empty snapshot. Everything is coded with
-//! an adaptive binary range coder ([`crate::rc`]) whose models are fresh for
+//! an adaptive binary range coder (the private `rc` module) whose models are fresh for
 //! every delta: no state carries from one update to the next, so any relay
 //! can continue any client.
 //!

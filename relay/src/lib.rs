@@ -12,5 +12,7 @@
 pub mod config;
 pub mod fanout;
 pub mod metrics;
+pub mod server;
 
 pub use config::Config;
+pub use server::{RelayError, RelayHandle, run, start};

@@ -35,9 +35,9 @@ fn update(tick: u64, data_len: usize) -> Message {
         hash: 0x1234_5678_9abc_def0,
         chunks: vec![Chunk {
             cell: CellId { x: 3, y: -2 },
-            hash: 0x0fed_cba9_8765_4321,
             data: Bytes::from(vec![0xa5; data_len]),
         }],
+        dropped: vec![CellId { x: 1, y: 1 }],
     })
 }
 

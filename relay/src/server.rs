@@ -1,0 +1,1080 @@
+//! The relay process: upstream subscriptions, the client QUIC server, the
+//! per-client fan-out tasks, input forwarding, admin HTTP, drain.
+//!
+//! ## Tasks
+//!
+//! - one *upstream* task per world: reads verified ticks from the
+//!   subscription, pushes them into the world's ring ([`WorldState`]),
+//!   publishes the newest tick on a `watch` (latest wins) and forwards the
+//!   inputs collected since the previous tick as one batch;
+//! - one task per client, running three loops at once: the *sender* wakes on
+//!   each new tick and sends the update [`ClientView::build_update`] makes
+//!   (a datagram when it fits, otherwise a short unidirectional stream that is
+//!   reset when the next update supersedes it); the *datagram* loop takes
+//!   acks and inputs; the *control* loop takes interest changes;
+//! - an accept loop, a reaper that releases worlds nobody uses, the admin
+//!   HTTP server, and, on a tier relay, the publisher for child relays.
+//!
+//! A slow client never slows anyone else: nothing waits on a client's
+//! socket except that client's own task, datagrams that do not fit quinn's
+//! buffer are dropped oldest first, and a stream update still in flight when
+//! the next tick arrives is reset, so the client always gets the newest state.
+
+use crate::config::Config;
+use crate::fanout::{ChunkCache, ClientView, Interest, TickState, WorldState};
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use proto::interest::Grid;
+use proto::msg::{
+    self, Error as ErrorMsg, Goaway, Hello, InputBatch, Message, SessionInput, VERSION, Welcome,
+};
+use proto::{ErrorCode, Layout};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use transport::feed::{self, FeedTick, Source, Subscription, WorldInfo};
+use transport::{ALPN_CLIENT, ALPN_UPSTREAM, FramedRecv, FramedSend, Readiness, Trust};
+
+/// How long a client has to open its control stream and say hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inputs queued per world between two ticks before new ones are dropped.
+const INPUT_QUEUE: usize = 16_384;
+/// Bad datagrams a client may send before it is disconnected.
+const MAX_BAD_DATAGRAMS: u32 = 64;
+
+/// Why the relay could not start or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// TLS material could not be loaded or made.
+    #[error("TLS: {0}")]
+    Tls(#[from] transport::TlsError),
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A world as the relay serves it.
+struct World {
+    info: WorldInfo,
+    state: RwLock<WorldState>,
+    cache: ChunkCache,
+    /// Newest tick and when it arrived here.
+    latest: watch::Sender<Option<(Arc<TickState>, Instant)>>,
+    /// Newest tick for child relays (tiers).
+    feed: watch::Sender<Option<Arc<FeedTick>>>,
+    /// Client inputs waiting for the next tick's batch.
+    inputs: mpsc::Sender<SessionInput>,
+    /// Input batches from child relays.
+    child_inputs: mpsc::Sender<InputBatch>,
+    clients: AtomicUsize,
+    idle_since: Mutex<Option<Instant>>,
+    upstream: Mutex<Option<JoinHandle<()>>>,
+    origin_rtt_us: AtomicU64,
+}
+
+impl World {
+    fn ring_capacity(config: &Config, tick_rate: u32) -> usize {
+        config.ring_ticks.max(tick_rate as usize).max(2)
+    }
+}
+
+/// State shared by every task of a relay.
+struct Shared {
+    config: Config,
+    metrics: Metrics,
+    upstream: quinn::Endpoint,
+    worlds: tokio::sync::Mutex<HashMap<String, Arc<World>>>,
+    draining: watch::Sender<bool>,
+    readiness: Readiness,
+    sessions: AtomicU64,
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    /// Where clients connect.
+    pub client_addr: SocketAddr,
+    /// Admin HTTP address.
+    pub admin_addr: SocketAddr,
+    /// Where child relays subscribe, if publishing.
+    pub publish_addr: Option<SocketAddr>,
+    /// The relay's metrics.
+    pub metrics: Metrics,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl RelayHandle {
+    /// Drains: stops accepting clients, tells every client to go, and waits
+    /// until they have left or the configured deadline has passed; then
+    /// stops.
+    pub async fn drain(mut self) {
+        self.shared.draining.send_replace(true);
+        self.shared.readiness.set_ready(false);
+        let deadline = Instant::now() + Duration::from_secs(self.shared.config.drain_secs);
+        info!(
+            clients = self.shared.metrics.clients.get(),
+            "draining: goaway sent, waiting for clients to leave"
+        );
+        while self.shared.metrics.clients.get() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        info!(
+            left_behind = self.shared.metrics.clients.get(),
+            "drain finished"
+        );
+        self.stop_now().await;
+    }
+
+    /// Stops at once, closing every connection.
+    pub async fn shutdown(mut self) {
+        self.stop_now().await;
+    }
+
+    async fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Clients connected now.
+    pub fn clients(&self) -> i64 {
+        self.shared.metrics.clients.get()
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Starts a relay: binds its sockets and spawns its tasks.
+pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
+    let trust = Trust::from_flags(
+        config.cert.clone(),
+        config.key.clone(),
+        config.ca.clone(),
+        config.data_dir.clone(),
+    );
+    let describe = trust.describe();
+    let tls = tokio::task::spawn_blocking(move || trust.load())
+        .await
+        .expect("TLS loading does not panic")?;
+    info!(trust = %describe, "relay TLS");
+    let client_server =
+        transport::server_endpoint(config.listen, tls.server_config(&[ALPN_CLIENT])?).map_err(
+            |source| RelayError::Bind {
+                addr: config.listen,
+                source,
+            },
+        )?;
+    let client_addr = client_server
+        .local_addr()
+        .map_err(|source| RelayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let bind_any = SocketAddr::new(
+        if config.upstream.is_ipv6() {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        },
+        0,
+    );
+    let mut upstream = transport::client_endpoint(bind_any).map_err(|source| RelayError::Bind {
+        addr: bind_any,
+        source,
+    })?;
+    upstream.set_default_client_config(tls.client_config(&[ALPN_UPSTREAM])?);
+
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let (draining, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        metrics: metrics.clone(),
+        upstream,
+        worlds: tokio::sync::Mutex::new(HashMap::new()),
+        draining,
+        readiness: readiness.clone(),
+        sessions: AtomicU64::new(0),
+    });
+
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (stopped_tx, stopped_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stopped_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let (admin_addr, admin_task) = transport::admin::serve(
+        config.admin,
+        metrics.registry.clone(),
+        readiness.clone(),
+        stopped(),
+    )
+    .await
+    .map_err(|source| RelayError::Bind {
+        addr: config.admin,
+        source,
+    })?;
+
+    let mut publish_addr = None;
+    let mut publisher = None;
+    if let Some(addr) = config.publish {
+        let endpoint = transport::server_endpoint(addr, tls.server_config(&[ALPN_UPSTREAM])?)
+            .map_err(|source| RelayError::Bind { addr, source })?;
+        publish_addr = endpoint.local_addr().ok();
+        let worlds: Arc<dyn feed::Worlds> = Arc::new(TierWorlds(shared.clone()));
+        let config = feed::PublisherConfig {
+            id: shared.config.id.clone(),
+            region: shared.config.region.clone(),
+            auth: shared.config.publish_auth.clone().map(String::into_bytes),
+            keyframe_after: None,
+            max_connections: 256,
+        };
+        let stats = Arc::new(feed::FeedStats::default());
+        publisher = Some(tokio::spawn(feed::serve(
+            endpoint,
+            worlds,
+            config,
+            stats,
+            stopped(),
+        )));
+    }
+
+    let accept = tokio::spawn(accept_loop(shared.clone(), client_server.clone()));
+    let reaper = tokio::spawn(reaper(shared.clone()));
+    readiness.set_ready(true);
+    info!(
+        id = %config.id,
+        region = %config.region,
+        clients = %client_addr,
+        admin = %admin_addr,
+        upstream = %config.upstream,
+        publish = ?publish_addr,
+        "relay running"
+    );
+
+    let task_shared = shared.clone();
+    let task = tokio::spawn(async move {
+        let _ = stop_rx.await;
+        task_shared.readiness.set_ready(false);
+        accept.abort();
+        reaper.abort();
+        client_server.close(
+            quinn::VarInt::from_u32(ErrorCode::Draining.to_code().into()),
+            b"relay stopping",
+        );
+        let worlds: Vec<_> = task_shared.worlds.lock().await.drain().collect();
+        for (_, world) in worlds {
+            if let Some(task) = world.upstream.lock().expect("not poisoned").take() {
+                task.abort();
+            }
+        }
+        task_shared
+            .upstream
+            .close(quinn::VarInt::from_u32(0), b"relay stopping");
+        let _ = stopped_tx.send(true);
+        if let Some(p) = publisher {
+            let _ = p.await;
+        }
+        let _ = admin_task.await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), client_server.wait_idle()).await;
+    });
+
+    Ok(RelayHandle {
+        client_addr,
+        admin_addr,
+        publish_addr,
+        metrics,
+        shared,
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+/// Runs a relay until `shutdown` resolves, then drains it.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
+    let handle = start(config).await?;
+    shutdown.await;
+    handle.drain().await;
+    Ok(())
+}
+
+async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(
+        shared.config.max_clients.max(1),
+    ));
+    while let Some(incoming) = endpoint.accept().await {
+        if *shared.draining.borrow() {
+            incoming.refuse();
+            shared
+                .metrics
+                .sessions_refused
+                .with_label_values(&["draining"])
+                .inc();
+            continue;
+        }
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            incoming.refuse();
+            shared
+                .metrics
+                .sessions_refused
+                .with_label_values(&["full"])
+                .inc();
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    debug!(%remote, error = %e, "handshake failed");
+                    shared
+                        .metrics
+                        .sessions_refused
+                        .with_label_values(&["handshake"])
+                        .inc();
+                    return;
+                }
+            };
+            if let Err(end) = serve_client(&shared, &conn).await {
+                debug!(%remote, reason = %end.message, "session ended");
+                shared
+                    .metrics
+                    .sessions_refused
+                    .with_label_values(&[end.label])
+                    .inc();
+                conn.close(
+                    quinn::VarInt::from_u32(end.code.to_code().into()),
+                    end.message.as_bytes(),
+                );
+            }
+        });
+    }
+}
+
+/// Why a client session ended early.
+struct End {
+    code: ErrorCode,
+    label: &'static str,
+    message: String,
+}
+
+impl End {
+    fn new(code: ErrorCode, label: &'static str, message: impl Into<String>) -> End {
+        End {
+            code,
+            label,
+            message: message.into(),
+        }
+    }
+}
+
+/// Tells the client why, on its control stream, before closing.
+async fn refuse(control: &mut FramedSend, end: End) -> End {
+    let msg = Message::Error(ErrorMsg {
+        code: end.code,
+        message: end.message.chars().take(msg::MAX_TEXT_LEN / 4).collect(),
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(1), control.send(&msg)).await;
+    let _ = control.finish();
+    end
+}
+
+async fn serve_client(shared: &Arc<Shared>, conn: &quinn::Connection) -> Result<(), End> {
+    let (send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| End::new(ErrorCode::Malformed, "timeout", "no control stream"))?
+        .map_err(|e| End::new(ErrorCode::Normal, "closed", e.to_string()))?;
+    let mut control = FramedSend::new(send);
+    let mut inbox = FramedRecv::new(recv);
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, inbox.recv()).await {
+        Err(_) => {
+            return Err(refuse(
+                &mut control,
+                End::new(ErrorCode::Malformed, "timeout", "no hello within 5 s"),
+            )
+            .await);
+        }
+        Ok(Ok(Some(Message::Hello(hello)))) => hello,
+        Ok(Ok(Some(other))) => {
+            let message = format!("expected hello, got {:?}", other.message_type());
+            return Err(refuse(
+                &mut control,
+                End::new(ErrorCode::Malformed, "malformed", message),
+            )
+            .await);
+        }
+        Ok(Ok(None)) => return Err(End::new(ErrorCode::Normal, "closed", "no hello")),
+        Ok(Err(e)) => {
+            let code = e.code().unwrap_or(ErrorCode::Malformed);
+            return Err(refuse(&mut control, End::new(code, "malformed", e.to_string())).await);
+        }
+    };
+    if *shared.draining.borrow() {
+        return Err(refuse(
+            &mut control,
+            End::new(ErrorCode::Draining, "draining", "relay is draining"),
+        )
+        .await);
+    }
+    let world = match open_world(shared, &hello.world).await {
+        Ok(world) => world,
+        Err((code, message)) => {
+            return Err(refuse(&mut control, End::new(code, "world", message)).await);
+        }
+    };
+    session(shared, conn, world, hello, control, inbox).await
+}
+
+/// Opens (subscribing upstream if needed) the world `name`.
+async fn open_world(shared: &Arc<Shared>, name: &str) -> Result<Arc<World>, (ErrorCode, String)> {
+    let mut worlds = shared.worlds.lock().await;
+    if let Some(world) = worlds.get(name) {
+        return Ok(world.clone());
+    }
+    let auth = shared.config.upstream_auth.clone().unwrap_or_default();
+    let sub = Subscription::connect(
+        &shared.upstream,
+        shared.config.upstream,
+        &shared.config.upstream_name,
+        name,
+        auth.as_bytes(),
+        &shared.config.id,
+    )
+    .await;
+    let sub = match sub {
+        Ok(sub) => {
+            shared
+                .metrics
+                .upstream_connects
+                .with_label_values(&["ok"])
+                .inc();
+            sub
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .upstream_connects
+                .with_label_values(&["error"])
+                .inc();
+            warn!(world = name, error = %e, "upstream subscription failed");
+            return Err(match e {
+                feed::FeedError::Refused { code, message } => (code, message),
+                other => (ErrorCode::UpstreamLost, format!("upstream: {other}")),
+            });
+        }
+    };
+    let info = sub.info.clone();
+    let layout: Arc<Layout> = info.layout.clone();
+    let grid = Some(Grid::new(shared.config.cell_size));
+    let capacity = World::ring_capacity(&shared.config, info.tick_rate);
+    let (inputs, inputs_rx) = mpsc::channel(INPUT_QUEUE);
+    let (child_inputs, child_rx) = mpsc::channel(256);
+    let world = Arc::new(World {
+        state: RwLock::new(WorldState::new(layout, grid, capacity)),
+        cache: ChunkCache::new(shared.config.chunk_cache),
+        latest: watch::channel(None).0,
+        feed: watch::channel(None).0,
+        inputs,
+        child_inputs,
+        clients: AtomicUsize::new(0),
+        idle_since: Mutex::new(Some(Instant::now())),
+        upstream: Mutex::new(None),
+        origin_rtt_us: AtomicU64::new(sub.rtt().as_micros() as u64),
+        info,
+    });
+    let task = tokio::spawn(upstream_loop(
+        shared.clone(),
+        world.clone(),
+        sub,
+        inputs_rx,
+        child_rx,
+    ));
+    *world.upstream.lock().expect("not poisoned") = Some(task);
+    worlds.insert(name.to_string(), world.clone());
+    shared.metrics.worlds.set(worlds.len() as i64);
+    info!(world = name, "subscribed upstream");
+    Ok(world)
+}
+
+async fn upstream_loop(
+    shared: Arc<Shared>,
+    world: Arc<World>,
+    mut sub: Subscription,
+    mut inputs: mpsc::Receiver<SessionInput>,
+    mut child_inputs: mpsc::Receiver<InputBatch>,
+) {
+    let name = world.info.world.clone();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match sub.next().await {
+            Ok(tick) => {
+                backoff = Duration::from_millis(100);
+                let arrived = Instant::now();
+                shared.metrics.upstream_ticks.inc();
+                shared
+                    .metrics
+                    .upstream_lag
+                    .set(now_us().saturating_sub(tick.origin_time_us) as f64 / 1e6);
+                world
+                    .origin_rtt_us
+                    .store(sub.rtt().as_micros() as u64, Ordering::Relaxed);
+                let pushed = world.state.write().expect("not poisoned").push(
+                    tick.tick,
+                    tick.origin_time_us,
+                    tick.hash,
+                    tick.snapshot.clone(),
+                );
+                if let Some((state, evicted)) = pushed {
+                    if let Some(old) = evicted {
+                        world.cache.evict_before(old + 1);
+                    }
+                    world.latest.send_replace(Some((state, arrived)));
+                }
+                world.feed.send_replace(Some(tick.clone()));
+                update_cache_metrics(&shared.metrics, &world.cache);
+                // Inputs gathered since the previous tick go up as one batch.
+                let mut batch = Vec::new();
+                while let Ok(input) = inputs.try_recv() {
+                    batch.push(input);
+                }
+                while let Ok(child) = child_inputs.try_recv() {
+                    batch.extend(child.inputs);
+                }
+                if !batch.is_empty() {
+                    let count = batch.len() as u64;
+                    for chunk in batch.chunks(msg::MAX_BATCH_INPUTS) {
+                        let sent = sub.send_inputs(InputBatch {
+                            tick: tick.tick,
+                            inputs: chunk.to_vec(),
+                        });
+                        if sent.is_err() {
+                            shared
+                                .metrics
+                                .drops
+                                .with_label_values(&["input_upstream"])
+                                .inc_by(chunk.len() as u64);
+                        }
+                    }
+                    shared.metrics.inputs_forwarded.inc_by(count);
+                }
+            }
+            Err(e) => {
+                warn!(world = %name, error = %e, "upstream lost; resubscribing");
+                loop {
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let auth = shared.config.upstream_auth.clone().unwrap_or_default();
+                    match Subscription::connect(
+                        &shared.upstream,
+                        shared.config.upstream,
+                        &shared.config.upstream_name,
+                        &name,
+                        auth.as_bytes(),
+                        &shared.config.id,
+                    )
+                    .await
+                    {
+                        Ok(new) => {
+                            shared
+                                .metrics
+                                .upstream_connects
+                                .with_label_values(&["ok"])
+                                .inc();
+                            info!(world = %name, "resubscribed upstream");
+                            sub = new;
+                            break;
+                        }
+                        Err(e) => {
+                            shared
+                                .metrics
+                                .upstream_connects
+                                .with_label_values(&["error"])
+                                .inc();
+                            debug!(world = %name, error = %e, "resubscribe failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Backoff with ±25% jitter, so relays do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let f = 0.75 + rand::random::<f64>() * 0.5;
+    d.mul_f64(f)
+}
+
+fn update_cache_metrics(metrics: &Metrics, cache: &ChunkCache) {
+    let (hits, misses) = cache.counts();
+    let (h0, m0) = (metrics.cache_hits.get(), metrics.cache_misses.get());
+    // Several worlds share the counters: add what this cache did since.
+    if hits > h0 {
+        metrics.cache_hits.inc_by(hits - h0);
+    }
+    if misses > m0 {
+        metrics.cache_misses.inc_by(misses - m0);
+    }
+    let (h, m) = (metrics.cache_hits.get(), metrics.cache_misses.get());
+    if h + m > 0 {
+        metrics.cache_hit_ratio.set(h as f64 / (h + m) as f64);
+    }
+    metrics.encode_seconds.set(cache.encode_ns() as f64 / 1e9);
+}
+
+/// Releases worlds that nobody has used for a while.
+async fn reaper(shared: Arc<Shared>) {
+    let after = Duration::from_secs(shared.config.release_after_secs);
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        every.tick().await;
+        let mut worlds = shared.worlds.lock().await;
+        worlds.retain(|name, world| {
+            let busy = world.clients.load(Ordering::Relaxed) > 0 || world.feed.receiver_count() > 0;
+            let mut idle = world.idle_since.lock().expect("not poisoned");
+            if busy {
+                *idle = None;
+                return true;
+            }
+            let since = *idle.get_or_insert_with(Instant::now);
+            if since.elapsed() < after {
+                return true;
+            }
+            info!(world = %name, "released: no client for {after:?}");
+            if let Some(task) = world.upstream.lock().expect("not poisoned").take() {
+                task.abort();
+            }
+            false
+        });
+        shared.metrics.worlds.set(worlds.len() as i64);
+    }
+}
+
+/// Per-client input policing: a token bucket and sequence dedup.
+struct InputGate {
+    tokens: f64,
+    rate: f64,
+    last: Instant,
+    newest: Option<u32>,
+}
+
+impl InputGate {
+    fn new(rate: u32) -> InputGate {
+        InputGate {
+            tokens: rate as f64,
+            rate: rate as f64,
+            last: Instant::now(),
+            newest: None,
+        }
+    }
+
+    /// The inputs of `input` not seen before, oldest first, and how many
+    /// were refused by the rate limit.
+    fn admit(&mut self, input: msg::Input) -> (Vec<(u32, Bytes)>, u64) {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
+            .min(self.rate.max(1.0));
+        self.last = now;
+        let mut fresh = Vec::new();
+        let mut refused = 0;
+        for (i, data) in input.inputs.into_iter().enumerate().rev() {
+            let seq = input.seq.wrapping_sub(i as u32);
+            let newer = self.newest.is_none_or(|n| (seq.wrapping_sub(n) as i32) > 0);
+            if !newer {
+                continue;
+            }
+            if self.tokens < 1.0 {
+                refused += 1;
+                continue;
+            }
+            self.tokens -= 1.0;
+            self.newest = Some(seq);
+            fresh.push((seq, data));
+        }
+        (fresh, refused)
+    }
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    world: Arc<World>,
+    hello: Hello,
+    mut control: FramedSend,
+    mut inbox: FramedRecv,
+) -> Result<(), End> {
+    let interest = match hello.interest {
+        Some(area) => Interest::Around {
+            x: area.x as f64,
+            y: area.y as f64,
+            radius: area.radius as f64,
+        },
+        None => Interest::All,
+    };
+    let capacity = world
+        .state
+        .read()
+        .expect("not poisoned")
+        .len()
+        .max(World::ring_capacity(&shared.config, world.info.tick_rate));
+    let (session_id, view) = match &hello.resume {
+        Some(resume) => {
+            let mut cells = resume.cells.clone();
+            cells.sort_unstable();
+            cells.dedup();
+            (
+                resume.session,
+                ClientView::resume(interest, capacity, resume.last_ack, cells),
+            )
+        }
+        None => (
+            rand::random::<u64>() ^ shared.sessions.fetch_add(1, Ordering::Relaxed),
+            ClientView::new(interest, capacity),
+        ),
+    };
+    let view = Arc::new(Mutex::new(view));
+    let tick = world
+        .state
+        .read()
+        .expect("not poisoned")
+        .latest()
+        .map_or(0, |t| t.tick);
+    let welcome = Message::Welcome(Welcome {
+        version: VERSION,
+        session: session_id,
+        world: world.info.world.clone(),
+        schema: world.info.schema.clone(),
+        tick_rate: world.info.tick_rate,
+        tick,
+        relay_id: shared.config.id.clone(),
+        region: shared.config.region.clone(),
+    });
+    control
+        .send(&welcome)
+        .await
+        .map_err(|e| End::new(ErrorCode::Normal, "closed", e.to_string()))?;
+
+    world.clients.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.clients.inc();
+    debug!(session = session_id, remote = %conn.remote_address(), "session open");
+    let rate = if shared.config.input_rate == 0 {
+        world.info.tick_rate.saturating_mul(2).max(1)
+    } else {
+        shared.config.input_rate
+    };
+    let result = tokio::select! {
+        r = sender(shared, conn, &world, &view) => r,
+        r = datagrams(shared, conn, &world, &view, session_id, rate) => r,
+        r = control_loop(&mut inbox, &view) => r,
+        r = goaway_on_drain(shared, &mut control) => r,
+    };
+    world.clients.fetch_sub(1, Ordering::Relaxed);
+    shared.metrics.clients.dec();
+    debug!(session = session_id, "session closed");
+    result
+}
+
+async fn goaway_on_drain(shared: &Arc<Shared>, control: &mut FramedSend) -> Result<(), End> {
+    let mut draining = shared.draining.subscribe();
+    let _ = draining.wait_for(|d| *d).await;
+    let goaway = Message::Goaway(Goaway {
+        reason: "relay draining".into(),
+        redirect: None,
+        deadline_ms: (shared.config.drain_secs * 1000).min(u32::MAX as u64) as u32,
+    });
+    let _ = control.send(&goaway).await;
+    // Keep serving until the client leaves or the relay stops.
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+async fn control_loop(inbox: &mut FramedRecv, view: &Mutex<ClientView>) -> Result<(), End> {
+    loop {
+        match inbox.recv().await {
+            Ok(Some(Message::Interest(i))) => {
+                let interest = match i.area {
+                    Some(a) => Interest::Around {
+                        x: a.x as f64,
+                        y: a.y as f64,
+                        radius: a.radius as f64,
+                    },
+                    None => Interest::All,
+                };
+                view.lock().expect("not poisoned").set_interest(interest);
+            }
+            Ok(Some(other)) => {
+                return Err(End::new(
+                    ErrorCode::Malformed,
+                    "malformed",
+                    format!(
+                        "unexpected {:?} on the control stream",
+                        other.message_type()
+                    ),
+                ));
+            }
+            // The client finished its control stream: it is leaving.
+            Ok(None) => return Ok(()),
+            Err(e) if e.is_peer_fault() => {
+                return Err(End::new(
+                    e.code().unwrap_or(ErrorCode::Malformed),
+                    "malformed",
+                    e.to_string(),
+                ));
+            }
+            Err(e) => return Err(End::new(ErrorCode::Normal, "closed", e.to_string())),
+        }
+    }
+}
+
+async fn datagrams(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    world: &World,
+    view: &Mutex<ClientView>,
+    session: u64,
+    rate: u32,
+) -> Result<(), End> {
+    let mut gate = InputGate::new(rate);
+    let mut bad = 0u32;
+    loop {
+        let datagram = conn
+            .read_datagram()
+            .await
+            .map_err(|e| End::new(ErrorCode::Normal, "closed", e.to_string()))?;
+        match Message::decode_datagram(datagram, VERSION) {
+            Ok(Message::Ack(ack)) => {
+                view.lock().expect("not poisoned").on_ack(ack.tick);
+            }
+            Ok(Message::Input(input)) => {
+                let (fresh, refused) = gate.admit(input);
+                if refused > 0 {
+                    shared
+                        .metrics
+                        .drops
+                        .with_label_values(&["input_rate"])
+                        .inc_by(refused);
+                }
+                for (seq, data) in fresh {
+                    let input = SessionInput { session, seq, data };
+                    if world.inputs.try_send(input).is_err() {
+                        shared
+                            .metrics
+                            .drops
+                            .with_label_values(&["input_queue"])
+                            .inc();
+                    }
+                }
+            }
+            Ok(_) | Err(_) => {
+                bad += 1;
+                shared
+                    .metrics
+                    .drops
+                    .with_label_values(&["bad_datagram"])
+                    .inc();
+                if bad > MAX_BAD_DATAGRAMS {
+                    return Err(End::new(
+                        ErrorCode::Malformed,
+                        "malformed",
+                        "too many malformed datagrams",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+async fn sender(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    world: &World,
+    view: &Mutex<ClientView>,
+) -> Result<(), End> {
+    let mut ticks = world.latest.subscribe();
+    let mut in_flight: Option<oneshot::Sender<()>> = None;
+    loop {
+        let Some((tick, arrived)) = ticks.borrow_and_update().clone() else {
+            if ticks.changed().await.is_err() {
+                return Err(End::new(
+                    ErrorCode::UpstreamLost,
+                    "upstream",
+                    "world released",
+                ));
+            }
+            continue;
+        };
+        let built = {
+            let state = world.state.read().expect("not poisoned");
+            view.lock()
+                .expect("not poisoned")
+                .build_update(&state, &tick, &world.cache)
+        };
+        if let Some(built) = built {
+            let msg = Message::Update(built.update);
+            let len = msg.datagram_len();
+            let fits = conn.max_datagram_size().is_some_and(|max| len <= max);
+            if fits {
+                match transport::framed::encode_datagram(&msg) {
+                    Ok(bytes) => {
+                        if conn.send_datagram(bytes).is_ok() {
+                            shared
+                                .metrics
+                                .updates_sent
+                                .with_label_values(&["datagram"])
+                                .inc();
+                            shared.metrics.bytes_sent.inc_by(len as u64);
+                        } else {
+                            shared
+                                .metrics
+                                .drops
+                                .with_label_values(&["datagram_send"])
+                                .inc();
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "update does not encode"),
+                }
+            } else {
+                // A newer update supersedes the one still on its way.
+                if let Some(cancel) = in_flight.take()
+                    && cancel.send(()).is_ok()
+                {
+                    shared
+                        .metrics
+                        .drops
+                        .with_label_values(&["stream_superseded"])
+                        .inc();
+                }
+                match transport::framed::encode_frame(&msg) {
+                    Ok(bytes) => {
+                        let (cancel, cancelled) = oneshot::channel();
+                        in_flight = Some(cancel);
+                        shared
+                            .metrics
+                            .updates_sent
+                            .with_label_values(&["stream"])
+                            .inc();
+                        shared.metrics.bytes_sent.inc_by(bytes.len() as u64);
+                        tokio::spawn(send_stream(conn.clone(), bytes, cancelled));
+                    }
+                    Err(e) => warn!(error = %e, "update does not encode"),
+                }
+            }
+            if built.keyframe {
+                shared.metrics.keyframes.inc();
+            }
+            shared
+                .metrics
+                .fanout_latency
+                .observe(arrived.elapsed().as_secs_f64());
+        }
+        if ticks.changed().await.is_err() {
+            return Err(End::new(
+                ErrorCode::UpstreamLost,
+                "upstream",
+                "world released",
+            ));
+        }
+    }
+}
+
+/// Writes one update on its own stream, unless cancelled first: then the
+/// stream is reset (dropping a quinn stream would finish it, and the client
+/// would see a cut-off frame), and the client takes the newer update.
+async fn send_stream(conn: quinn::Connection, bytes: Bytes, mut cancelled: oneshot::Receiver<()>) {
+    let mut stream = tokio::select! {
+        _ = &mut cancelled => return,
+        opened = conn.open_uni() => match opened {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!(error = %e, "cannot open an update stream");
+                return;
+            }
+        },
+    };
+    let written = tokio::select! {
+        _ = &mut cancelled => None,
+        r = async {
+            stream.write_all(&bytes).await?;
+            stream.finish()?;
+            Ok::<_, StreamError>(())
+        } => Some(r),
+    };
+    match written {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            debug!(error = %e, "stream update not delivered");
+            let _ = stream.reset(quinn::VarInt::from_u32(0));
+        }
+        None => {
+            let _ = stream.reset(quinn::VarInt::from_u32(0));
+        }
+    }
+}
+
+/// Any failure of a stream write (quinn has a type for each step).
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+    #[error(transparent)]
+    Closed(#[from] quinn::ClosedStream),
+}
+
+/// Serves this relay's worlds to child relays (tiers).
+struct TierWorlds(Arc<Shared>);
+
+impl feed::Worlds for TierWorlds {
+    fn open(
+        &self,
+        world: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<Source, (ErrorCode, String)>> + Send + '_>> {
+        let world = world.to_string();
+        Box::pin(async move {
+            let handle = open_world(&self.0, &world).await?;
+            Ok(Source {
+                info: handle.info.clone(),
+                ticks: handle.feed.subscribe(),
+                // Child batches join this relay's own batch upstream.
+                inputs: handle.child_inputs.clone(),
+            })
+        })
+    }
+}
+
+/// The origin RTT of a world this relay serves, if subscribed (for probes).
+pub async fn origin_rtt(handle: &RelayHandle, world: &str) -> Option<Duration> {
+    let worlds = handle.shared.worlds.lock().await;
+    worlds
+        .get(world)
+        .map(|w| Duration::from_micros(w.origin_rtt_us.load(Ordering::Relaxed)))
+}
+
+/// Whether the relay is draining.
+pub fn is_draining(handle: &RelayHandle) -> bool {
+    *handle.shared.draining.borrow()
+}
