@@ -1,4 +1,7 @@
 //! Run with: cargo run -p statecast-origin --example custom_world
+//! and, to host it for relays and clients (Ctrl-C to stop):
+//! cargo run -p statecast-origin --example custom_world -- --serve
+//! then `statecast relay` and `statecast client --world orbits`.
 //!
 //! A user-written world: planets on circular orbits around a sun, and a
 //! probe that a client session can steer. It shows the whole contract of
@@ -184,4 +187,29 @@ fn main() {
         );
     }
     world.leave(session);
+
+    if std::env::args().any(|a| a == "--serve") {
+        serve();
+    }
+}
+
+/// Hosts the world with the origin library: relays subscribe to it exactly
+/// as to the built-in worlds (the schema travels with the subscription).
+fn serve() {
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    runtime.block_on(async {
+        let config = origin::Config {
+            world: "orbits".into(),
+            ..origin::Config::default()
+        };
+        let handle = origin::start_with(config, Box::new(Orbits::new()))
+            .await
+            .expect("the origin starts");
+        println!(
+            "hosting `orbits`: relays subscribe at {}, metrics at http://{}/metrics",
+            handle.upstream_addr, handle.admin_addr
+        );
+        tokio::signal::ctrl_c().await.expect("Ctrl-C handler");
+        handle.shutdown().await;
+    });
 }
