@@ -10,6 +10,7 @@
 
 pub mod client_cmd;
 pub mod demo;
+pub mod lab_cmd;
 pub mod logging;
 pub mod origin_cmd;
 pub mod trace;
@@ -37,6 +38,10 @@ pub enum Command {
     Client(client_cmd::Args),
     /// Run an origin with a built-in world and show what it sends, live.
     Demo(demo::Args),
+    /// Lab tools: emulate network links (delay, jitter, loss, rate) on
+    /// one machine.
+    #[command(subcommand)]
+    Lab(lab_cmd::Command),
     /// Run an origin: a world's authoritative simulation, served to relays.
     Origin(origin_cmd::Args),
     /// Record worlds to trace files and measure the codec on them.
@@ -50,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Client(args) => client_cmd::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Lab(command) => lab_cmd::run(command),
         Command::Origin(args) => origin_cmd::run(args),
         Command::Trace(command) => trace::run(command),
     }
