@@ -7,11 +7,13 @@
 //!
 //! [`fanout`] is the protocol core without I/O; [`server`] moves its bytes
 //! over QUIC, forwards inputs upstream, serves metrics and drains.
+//! [`probe`] answers the UDP latency probes clients choose relays with.
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod fanout;
 pub mod metrics;
+pub mod probe;
 pub mod server;
 
 pub use config::Config;

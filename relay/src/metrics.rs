@@ -42,6 +42,9 @@ pub struct Metrics {
     pub inputs_forwarded: IntCounter,
     /// Client connections refused or closed on error, by reason.
     pub sessions_refused: IntCounterVec,
+    /// Datagrams on the probe port, by result (`answered`, `rate_limited`,
+    /// `malformed`).
+    pub probes: IntCounterVec,
 }
 
 impl Metrics {
@@ -148,6 +151,11 @@ impl Metrics {
                 "statecast_relay_sessions_refused_total",
                 "Client sessions refused or ended on error, by reason.",
                 "reason",
+            ),
+            probes: counter_vec(
+                "statecast_relay_probes_total",
+                "Datagrams on the probe port, by result (answered, rate_limited, malformed).",
+                "result",
             ),
             registry,
         }
