@@ -5,11 +5,14 @@
 //! applied, and sends inputs.
 //!
 //! [`replica`] is the protocol core without I/O; [`session`] runs it over
-//! QUIC against one relay.
+//! QUIC against one relay. [`select`] chooses the relay from UDP probes,
+//! also without I/O.
 #![warn(missing_docs)]
 
 pub mod replica;
+pub mod select;
 pub mod session;
 
 pub use replica::{Event, Replica};
+pub use select::{Candidate, Estimate, Selector};
 pub use session::{Blame, Config, Session, SessionError, SessionEvent, Stats};
