@@ -31,6 +31,10 @@ pub struct Config {
     pub publish_auth: Option<String>,
     /// Admin HTTP (metrics, health) address: an internal listener.
     pub admin: SocketAddr,
+    /// UDP address answering latency probes (clients choose relays with
+    /// them); none turns probing off. Relays sharing a machine each need
+    /// their own (tests: `127.0.0.1:0`).
+    pub probe: Option<SocketAddr>,
     /// Edge length of an interest cell, in world units.
     pub cell_size: f64,
     /// Ticks of history kept per world (at least one second of ticks is
@@ -70,6 +74,12 @@ fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9434))
 }
 
+fn default_probe() -> Option<SocketAddr> {
+    // Loopback like the rest, next to the client port, so `statecast
+    // probe` with no arguments finds `statecast relay` with none.
+    Some(SocketAddr::from(([127, 0, 0, 1], 4435)))
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -82,6 +92,7 @@ impl Default for Config {
             publish: None,
             publish_auth: None,
             admin: default_admin(),
+            probe: default_probe(),
             // 50 m cells: a 100 m interest radius touches about a dozen.
             cell_size: 50.0,
             // 64 ticks: over a second at 60 Hz, three at 20 Hz.
@@ -119,5 +130,8 @@ mod tests {
         assert_eq!(c.region, "eu-west");
         assert_eq!(c.listen.port(), 5000);
         assert_eq!(c.admin, default_admin());
+        assert_eq!(c.probe, default_probe());
+        let c = Config::from_toml("probe = \"127.0.0.1:0\"").unwrap();
+        assert_eq!(c.probe, Some(SocketAddr::from(([127, 0, 0, 1], 0))));
     }
 }

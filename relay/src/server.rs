@@ -23,6 +23,7 @@
 use crate::config::Config;
 use crate::fanout::{ChunkCache, ClientView, Interest, TickState, WorldState};
 use crate::metrics::Metrics;
+use crate::probe;
 use bytes::Bytes;
 use proto::interest::Grid;
 use proto::msg::{
@@ -110,6 +111,8 @@ pub struct RelayHandle {
     pub admin_addr: SocketAddr,
     /// Where child relays subscribe, if publishing.
     pub publish_addr: Option<SocketAddr>,
+    /// Where the relay answers latency probes, if it does.
+    pub probe_addr: Option<SocketAddr>,
     /// The relay's metrics.
     pub metrics: Metrics,
     shared: Arc<Shared>,
@@ -202,6 +205,15 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         source,
     })?;
     upstream.set_default_client_config(tls.client_config(&[ALPN_UPSTREAM])?);
+    let probe_socket = match config.probe {
+        Some(addr) => Some(
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|source| RelayError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let probe_addr = probe_socket.as_ref().and_then(|s| s.local_addr().ok());
 
     let metrics = Metrics::new();
     let readiness = Readiness::new();
@@ -260,6 +272,15 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         )));
     }
 
+    let probes = probe_socket.map(|socket| {
+        tokio::spawn(probe::serve(
+            socket,
+            probe_info(shared.clone()),
+            probe::Limits::default(),
+            metrics.probes.clone(),
+            stopped(),
+        ))
+    });
     let accept = tokio::spawn(accept_loop(shared.clone(), client_server.clone()));
     let reaper = tokio::spawn(reaper(shared.clone()));
     readiness.set_ready(true);
@@ -270,6 +291,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         admin = %admin_addr,
         upstream = %config.upstream,
         publish = ?publish_addr,
+        probe = ?probe_addr,
         "relay running"
     );
 
@@ -296,6 +318,9 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         if let Some(p) = publisher {
             let _ = p.await;
         }
+        if let Some(p) = probes {
+            let _ = p.await;
+        }
         let _ = admin_task.await;
         let _ = tokio::time::timeout(Duration::from_secs(1), client_server.wait_idle()).await;
     });
@@ -304,11 +329,45 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         client_addr,
         admin_addr,
         publish_addr,
+        probe_addr,
         metrics,
         shared,
         stop: Some(stop_tx),
         task,
     })
+}
+
+/// What the probe responder says about this relay: load as clients over
+/// `max_clients` (`u16::MAX` while draining, so that clients look elsewhere),
+/// and the RTT to the origin of the closest subscribed world (unknown while
+/// none is subscribed). Never waits for the world table: when it is busy,
+/// the last RTT read stands.
+fn probe_info(shared: Arc<Shared>) -> impl Fn() -> probe::Info + Send + 'static {
+    let origin_rtt_us = AtomicU64::new(u64::MAX);
+    move || {
+        if let Ok(worlds) = shared.worlds.try_lock() {
+            let rtt = worlds
+                .values()
+                .map(|w| w.origin_rtt_us.load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(u64::MAX);
+            origin_rtt_us.store(rtt, Ordering::Relaxed);
+        }
+        let rtt = origin_rtt_us.load(Ordering::Relaxed);
+        let load = if *shared.draining.borrow() {
+            u16::MAX
+        } else {
+            let clients = shared.metrics.clients.get().max(0) as u64;
+            (clients * 1000 / shared.config.max_clients.max(1) as u64).min(u16::MAX.into()) as u16
+        };
+        probe::Info {
+            relay_id: shared.config.id.clone(),
+            region: shared.config.region.clone(),
+            load,
+            origin_rtt: (rtt != u64::MAX).then(|| Duration::from_micros(rtt)),
+            coords: None,
+        }
+    }
 }
 
 /// Runs a relay until `shutdown` resolves, then drains it.
