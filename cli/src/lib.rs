@@ -13,6 +13,7 @@ pub mod demo;
 pub mod lab_cmd;
 pub mod logging;
 pub mod origin_cmd;
+pub mod probe_cmd;
 pub mod trace;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,9 @@ pub enum Command {
     Lab(lab_cmd::Command),
     /// Run an origin: a world's authoritative simulation, served to relays.
     Origin(origin_cmd::Args),
+    /// Ping relays' probe ports and show which one a client would pick,
+    /// and why.
+    Probe(probe_cmd::Args),
     /// Record worlds to trace files and measure the codec on them.
     #[command(subcommand)]
     Trace(trace::Command),
@@ -57,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Lab(command) => lab_cmd::run(command),
         Command::Origin(args) => origin_cmd::run(args),
+        Command::Probe(args) => probe_cmd::run(args),
         Command::Trace(command) => trace::run(command),
     }
 }
