@@ -175,6 +175,8 @@ struct Models {
     largest: [[Bit; 4]; 5],
     /// New entities: per lane residual against the previous new entity.
     added_value: Vec<UintModel>,
+    /// Number of this codec run, for the lazy reset of the value models.
+    epoch: u32,
     added_sign: Vec<Bit>,
     blob_len: UintModel,
 }
@@ -213,6 +215,7 @@ impl Models {
             sign: vec![[Bit::default(); 3 * BUCKETS]; lanes],
             largest: [[Bit::default(); 4]; 5],
             added_value: vec![UintModel::default(); lanes],
+            epoch: 0,
             added_sign: vec![Bit::default(); lanes],
             blob_len: UintModel::default(),
         }
@@ -230,14 +233,19 @@ impl Models {
         self.changed = [Bit::default(); CHANGED_CTX];
         self.field.fill(Bit::default());
         self.lane_history.fill(0);
-        for v in &mut self.value {
-            for m in v.iter_mut() {
-                *m = UintModel::default();
+        // The per-lane value models are reset lazily, on first use in this
+        // run (`UintModel::fresh`); on the rare wrap of the epoch counter
+        // every model is reset for real.
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.epoch = 1;
+            for v in &mut self.value {
+                v.fill(UintModel::default());
             }
+            self.added_value.fill(UintModel::default());
         }
         self.sign.fill([Bit::default(); 3 * BUCKETS]);
         self.largest = [[Bit::default(); 4]; 5];
-        self.added_value.fill(UintModel::default());
         self.added_sign.fill(Bit::default());
         self.blob_len = UintModel::default();
     }
@@ -490,7 +498,9 @@ impl Codec {
                                 });
                             let sign_ctx = direction * BUCKETS + lane_motion;
                             let ctx = value_ctx(lane_motion, prev_class, m.lane_history[lane]);
-                            prev_class = m.value[lane][ctx].encode(&mut enc, r.unsigned_abs());
+                            prev_class = m.value[lane][ctx]
+                                .fresh(m.epoch)
+                                .encode(&mut enc, r.unsigned_abs());
                             m.lane_history[lane] = prev_class;
                             if r != 0 {
                                 enc.bit(&mut m.sign[lane][sign_ctx], r < 0);
@@ -514,7 +524,9 @@ impl Codec {
                     }
                     _ => {
                         let r = wrap(tl[lane], reference, modulus(kind));
-                        m.added_value[lane].encode(&mut enc, r.unsigned_abs());
+                        m.added_value[lane]
+                            .fresh(m.epoch)
+                            .encode(&mut enc, r.unsigned_abs());
                         if r != 0 {
                             enc.bit(&mut m.added_sign[lane], r < 0);
                         }
@@ -668,6 +680,7 @@ impl Codec {
                             let sign_ctx = direction * BUCKETS + lane_motion;
                             let ctx = value_ctx(lane_motion, prev_class, m.lane_history[lane]);
                             let (mag, class) = m.value[lane][ctx]
+                                .fresh(m.epoch)
                                 .decode(&mut dec)
                                 .ok_or(DeltaError::Truncated)?;
                             prev_class = class;
@@ -712,6 +725,7 @@ impl Codec {
                     LaneKind::QuatLargest => read_largest(&mut dec, &mut m.largest[4]),
                     _ => {
                         let (mag, _) = m.added_value[lane]
+                            .fresh(m.epoch)
                             .decode(&mut dec)
                             .ok_or(DeltaError::Truncated)?;
                         let modulus = modulus(kind);

@@ -261,6 +261,8 @@ const ADAPTIVE_TOP: u32 = 2;
 pub(crate) struct UintModel {
     class: [Bit; CLASS_TREE],
     mantissa: [[Bit; 4]; CLASSES],
+    /// The codec run this model was last reset for (see [`UintModel::fresh`]).
+    epoch: u32,
 }
 
 impl Default for UintModel {
@@ -268,6 +270,7 @@ impl Default for UintModel {
         UintModel {
             class: [Bit::default(); CLASS_TREE],
             mantissa: [[Bit::default(); 4]; CLASSES],
+            epoch: 0,
         }
     }
 }
@@ -279,6 +282,20 @@ pub(crate) fn class_of(v: u64) -> u32 {
 }
 
 impl UintModel {
+    /// This model, reset first if it was last used by another codec run.
+    /// A codec holds hundreds of these (800 bytes each) and one delta uses
+    /// few of them: resetting lazily keeps small deltas cheap.
+    #[inline]
+    pub(crate) fn fresh(&mut self, epoch: u32) -> &mut UintModel {
+        if self.epoch != epoch {
+            *self = UintModel {
+                epoch,
+                ..UintModel::default()
+            };
+        }
+        self
+    }
+
     /// Codes `v` (below 2^33), returning its class.
     #[inline]
     pub(crate) fn encode(&mut self, enc: &mut Encoder<'_>, v: u64) -> u32 {

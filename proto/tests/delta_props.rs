@@ -173,6 +173,10 @@ proptest! {
         for prediction in [None, Some(Prediction { prev: &w.prev, span, ahead })] {
             let mut bytes = Vec::new();
             codec.encode(&w.layout, &w.base, prediction, &w.target, &mut bytes);
+            // A reused codec (lazily reset models) codes as a fresh one.
+            let mut fresh = Vec::new();
+            delta::encode(&w.layout, &w.base, prediction, &w.target, &mut fresh);
+            prop_assert_eq!(&bytes, &fresh);
             let decoded = codec.decode(&w.layout, &w.base, prediction, &bytes).unwrap();
             prop_assert_eq!(&decoded, &w.target);
             prop_assert_eq!(decoded.hash(), w.target.hash());
