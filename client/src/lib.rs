@@ -5,10 +5,11 @@
 //! applied, and sends inputs.
 //!
 //! [`replica`] is the protocol core without I/O; [`session`] runs it over
-//! QUIC against one relay. [`select`] chooses the relay from UDP probes,
-//! also without I/O.
+//! QUIC against one relay. [`discover`] finds relays in DNS; [`select`]
+//! chooses one from UDP probes, also without I/O.
 #![warn(missing_docs)]
 
+pub mod discover;
 pub mod replica;
 pub mod select;
 pub mod session;
