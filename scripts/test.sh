@@ -11,23 +11,35 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Commands that tests call, as "command:debian-package". None yet; tests that
-# start real servers (dnsmasq, prometheus, ...) add theirs here.
-needs=()
+# Commands that tests call, as "command:debian-package"; tests that start
+# real servers or validators add theirs here.
+#   promtool: cli/tests/processes.rs checks /metrics with `promtool check metrics`.
+needs=(
+    "promtool:prometheus"
+)
 
 missing=()
 for need in ${needs[@]+"${needs[@]}"}; do
     command -v "${need%%:*}" >/dev/null 2>&1 || missing+=("${need#*:}")
 done
 if ((${#missing[@]})); then
-    echo "installing test dependencies: ${missing[*]}" >&2
     sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
+    if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then
         sudo=(sudo)
     fi
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -q --no-install-recommends "${missing[@]}"
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "test dependencies missing (Debian packages): ${missing[*]};" \
+            "no apt-get here: install them by hand, or the tests that need them fail" >&2
+    elif [[ $(id -u) -ne 0 && ${#sudo[@]} -eq 0 ]]; then
+        echo "test dependencies missing (Debian packages): ${missing[*]};" \
+            "not root and no sudo: install them by hand, or the tests that need them fail" >&2
+    else
+        echo "installing test dependencies: apt-get update, then" \
+            "apt-get install -y --no-install-recommends ${missing[*]}" >&2
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then

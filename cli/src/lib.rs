@@ -14,6 +14,7 @@ pub mod lab_cmd;
 pub mod logging;
 pub mod origin_cmd;
 pub mod probe_cmd;
+pub mod relay_cmd;
 pub mod trace;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +49,9 @@ pub enum Command {
     /// Ping relays' probe ports and show which one a client would pick,
     /// and why.
     Probe(probe_cmd::Args),
+    /// Run a relay: subscribe to an origin (or a parent relay) and fan its
+    /// worlds out to clients; Ctrl-C or SIGTERM drains.
+    Relay(relay_cmd::Args),
     /// Record worlds to trace files and measure the codec on them.
     #[command(subcommand)]
     Trace(trace::Command),
@@ -62,6 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lab(command) => lab_cmd::run(command),
         Command::Origin(args) => origin_cmd::run(args),
         Command::Probe(args) => probe_cmd::run(args),
+        Command::Relay(args) => relay_cmd::run(args),
         Command::Trace(command) => trace::run(command),
     }
 }

@@ -1,7 +1,7 @@
 //! The relay's Prometheus metrics (`statecast_relay_*`).
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     core::{AtomicF64, GenericGauge},
 };
 
@@ -20,8 +20,9 @@ pub struct Metrics {
     pub updates_sent: IntCounterVec,
     /// Keyframes sent to clients.
     pub keyframes: IntCounter,
-    /// Seconds spent encoding chunks (cache misses).
-    pub encode_seconds: GenericGauge<AtomicF64>,
+    /// Seconds spent encoding chunks (cache misses). A counter: its name
+    /// ends in `_total`, which Prometheus reserves for counters.
+    pub encode_seconds: Counter,
     /// From a tick's arrival at the relay to its update leaving for a client.
     pub fanout_latency: Histogram,
     /// Age of the newest upstream tick when it arrived (origin clock).
@@ -92,7 +93,7 @@ impl Metrics {
         registry
             .register(Box::new(fanout_latency.clone()))
             .expect("unique metric");
-        Metrics {
+        let metrics = Metrics {
             clients: gauge("statecast_relay_clients", "Clients connected."),
             worlds: gauge("statecast_relay_worlds", "Worlds subscribed upstream."),
             bytes_sent: counter(
@@ -108,10 +109,17 @@ impl Metrics {
                 "statecast_relay_keyframes_sent_total",
                 "Keyframe updates sent to clients.",
             ),
-            encode_seconds: fgauge(
-                "statecast_relay_encode_seconds_total",
-                "Seconds spent encoding delta chunks.",
-            ),
+            encode_seconds: {
+                let c = Counter::new(
+                    "statecast_relay_encode_seconds_total",
+                    "Seconds spent encoding delta chunks.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
             fanout_latency,
             upstream_lag: fgauge(
                 "statecast_relay_upstream_lag_seconds",
@@ -158,9 +166,34 @@ impl Metrics {
                 "result",
             ),
             registry,
+        };
+        // Labelled series appear only once used: start the known ones at
+        // zero, so `/metrics` always lists them and `rate()` sees the first
+        // increment.
+        for via in ["datagram", "stream"] {
+            metrics.updates_sent.with_label_values(&[via]);
         }
+        for reason in DROP_REASONS {
+            metrics.drops.with_label_values(&[reason]);
+        }
+        metrics
     }
 }
+
+/// The reasons of `statecast_relay_drops_total`: a datagram quinn refused,
+/// a tick skipped for a client whose stream updates are still on their way,
+/// a stream update reset because the client acknowledged a newer tick,
+/// client inputs over the rate limit or the queue, inputs the upstream
+/// refused, malformed datagrams.
+pub const DROP_REASONS: [&str; 7] = [
+    "datagram_send",
+    "stream_busy",
+    "stream_superseded",
+    "input_rate",
+    "input_queue",
+    "input_upstream",
+    "bad_datagram",
+];
 
 impl Default for Metrics {
     fn default() -> Self {

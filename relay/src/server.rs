@@ -9,16 +9,20 @@
 //!   inputs collected since the previous tick as one batch;
 //! - one task per client, running three loops at once: the *sender* wakes on
 //!   each new tick and sends the update [`ClientView::build_update`] makes
-//!   (a datagram when it fits, otherwise a short unidirectional stream that is
-//!   reset when the next update supersedes it); the *datagram* loop takes
+//!   (a datagram when it fits, otherwise a short unidirectional stream; a
+//!   few such streams may be on their way at once, and when that many are,
+//!   ticks are skipped for that client; a stream is reset once the client
+//!   acknowledged a newer tick); the *datagram* loop takes
 //!   acks and inputs; the *control* loop takes interest changes;
 //! - an accept loop, a reaper that releases worlds nobody uses, the admin
 //!   HTTP server, and, on a tier relay, the publisher for child relays.
 //!
 //! A slow client never slows anyone else: nothing waits on a client's
 //! socket except that client's own task, datagrams that do not fit quinn's
-//! buffer are dropped oldest first, and a stream update still in flight when
-//! the next tick arrives is reset, so the client always gets the newest state.
+//! buffer are dropped oldest first, and while a client's stream updates are
+//! on their way (until the client acknowledged all of their bytes) newer
+//! ticks are skipped rather than queued, so the client gets the newest state
+//! next.
 
 use crate::config::Config;
 use crate::fanout::{ChunkCache, ClientView, Interest, TickState, WorldState};
@@ -30,7 +34,7 @@ use proto::msg::{
     self, Error as ErrorMsg, Goaway, Hello, InputBatch, Message, SessionInput, VERSION, Welcome,
 };
 use proto::{ErrorCode, Layout};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -49,6 +53,30 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const INPUT_QUEUE: usize = 16_384;
 /// Bad datagrams a client may send before it is disconnected.
 const MAX_BAD_DATAGRAMS: u32 = 64;
+/// Most stream updates on their way to one client at once.
+pub const MAX_STREAM_DEPTH: usize = 8;
+
+/// Stream updates a client may have on their way at once (a stream counts
+/// until the client has acknowledged all of its bytes): enough to cover one
+/// round trip of ticks, and never fewer than two, so that sending does not
+/// wait for acknowledgements. When that many are on their way, ticks are
+/// skipped for the client (never queued) until one arrives; the newest goes
+/// then. A stream is never reset for its age: on a path that needs more
+/// than a tick per update, resetting it for the next (as large) update
+/// would throw its progress away each time, and the client would never get
+/// one. It is reset once the client acknowledged a newer tick.
+fn stream_depth(rtt: Duration, tick_rate: u32) -> usize {
+    let round_trip_ticks = (rtt.as_secs_f64() * f64::from(tick_rate)).ceil() as usize;
+    (1 + round_trip_ticks).clamp(2, MAX_STREAM_DEPTH)
+}
+
+/// A stream update on its way to a client.
+struct InFlight {
+    /// Its tick.
+    tick: u64,
+    /// Resets it; closed once the stream's task has ended.
+    cancel: oneshot::Sender<()>,
+}
 
 /// Why the relay could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -587,6 +615,7 @@ async fn upstream_loop(
 ) {
     let name = world.info.world.clone();
     let mut backoff = Duration::from_millis(100);
+    let mut cache_reported = CacheReported::default();
     loop {
         match sub.next().await {
             Ok(tick) => {
@@ -613,7 +642,7 @@ async fn upstream_loop(
                     world.latest.send_replace(Some((state, arrived)));
                 }
                 world.feed.send_replace(Some(tick.clone()));
-                update_cache_metrics(&shared.metrics, &world.cache);
+                update_cache_metrics(&shared.metrics, &world.cache, &mut cache_reported);
                 // Inputs gathered since the previous tick go up as one batch.
                 let mut batch = Vec::new();
                 while let Ok(input) = inputs.try_recv() {
@@ -687,21 +716,37 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
-fn update_cache_metrics(metrics: &Metrics, cache: &ChunkCache) {
+/// What a world's chunk cache has already added to the relay's counters.
+#[derive(Default)]
+struct CacheReported {
+    hits: u64,
+    misses: u64,
+    encode_ns: u64,
+}
+
+/// Adds what `cache` did since the last call to the relay-wide counters.
+/// Each world's upstream task is the only caller for its cache.
+fn update_cache_metrics(metrics: &Metrics, cache: &ChunkCache, reported: &mut CacheReported) {
     let (hits, misses) = cache.counts();
-    let (h0, m0) = (metrics.cache_hits.get(), metrics.cache_misses.get());
-    // Several worlds share the counters: add what this cache did since.
-    if hits > h0 {
-        metrics.cache_hits.inc_by(hits - h0);
-    }
-    if misses > m0 {
-        metrics.cache_misses.inc_by(misses - m0);
-    }
+    let encode_ns = cache.encode_ns();
+    metrics
+        .cache_hits
+        .inc_by(hits.saturating_sub(reported.hits));
+    metrics
+        .cache_misses
+        .inc_by(misses.saturating_sub(reported.misses));
+    metrics
+        .encode_seconds
+        .inc_by(encode_ns.saturating_sub(reported.encode_ns) as f64 / 1e9);
+    *reported = CacheReported {
+        hits,
+        misses,
+        encode_ns,
+    };
     let (h, m) = (metrics.cache_hits.get(), metrics.cache_misses.get());
     if h + m > 0 {
         metrics.cache_hit_ratio.set(h as f64 / (h + m) as f64);
     }
-    metrics.encode_seconds.set(cache.encode_ns() as f64 / 1e9);
 }
 
 /// Releases worlds that nobody has used for a while.
@@ -973,7 +1018,8 @@ async fn sender(
     view: &Mutex<ClientView>,
 ) -> Result<(), End> {
     let mut ticks = world.latest.subscribe();
-    let mut in_flight: Option<oneshot::Sender<()>> = None;
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let drops = |reason: &str| shared.metrics.drops.with_label_values(&[reason]);
     loop {
         let Some((tick, arrived)) = ticks.borrow_and_update().clone() else {
             if ticks.changed().await.is_err() {
@@ -985,6 +1031,41 @@ async fn sender(
             }
             continue;
         };
+        // Stream updates on their way: forget the delivered ones and reset
+        // those older than a tick the client has acknowledged since (they
+        // are superseded). When the pipeline is full, skip ticks until the
+        // oldest is delivered; the newest tick goes as soon as there is room.
+        let acked = view.lock().expect("not poisoned").acked();
+        for stream in std::mem::take(&mut in_flight) {
+            if stream.cancel.is_closed() {
+                continue;
+            }
+            if acked.is_some_and(|a| stream.tick < a) {
+                if stream.cancel.send(()).is_ok() {
+                    drops("stream_superseded").inc();
+                }
+                continue;
+            }
+            in_flight.push_back(stream);
+        }
+        if in_flight.len() >= stream_depth(conn.rtt(), world.info.tick_rate)
+            && let Some(oldest) = in_flight.front_mut()
+        {
+            tokio::select! {
+                _ = oldest.cancel.closed() => {}
+                changed = ticks.changed() => {
+                    if changed.is_err() {
+                        return Err(End::new(
+                            ErrorCode::UpstreamLost,
+                            "upstream",
+                            "world released",
+                        ));
+                    }
+                    drops("stream_busy").inc();
+                }
+            }
+            continue;
+        }
         let built = {
             let state = world.state.read().expect("not poisoned");
             view.lock()
@@ -1006,30 +1087,19 @@ async fn sender(
                                 .inc();
                             shared.metrics.bytes_sent.inc_by(len as u64);
                         } else {
-                            shared
-                                .metrics
-                                .drops
-                                .with_label_values(&["datagram_send"])
-                                .inc();
+                            drops("datagram_send").inc();
                         }
                     }
                     Err(e) => warn!(error = %e, "update does not encode"),
                 }
             } else {
-                // A newer update supersedes the one still on its way.
-                if let Some(cancel) = in_flight.take()
-                    && cancel.send(()).is_ok()
-                {
-                    shared
-                        .metrics
-                        .drops
-                        .with_label_values(&["stream_superseded"])
-                        .inc();
-                }
                 match transport::framed::encode_frame(&msg) {
                     Ok(bytes) => {
                         let (cancel, cancelled) = oneshot::channel();
-                        in_flight = Some(cancel);
+                        in_flight.push_back(InFlight {
+                            tick: tick.tick,
+                            cancel,
+                        });
                         shared
                             .metrics
                             .updates_sent
@@ -1078,6 +1148,11 @@ async fn send_stream(conn: quinn::Connection, bytes: Bytes, mut cancelled: onesh
         r = async {
             stream.write_all(&bytes).await?;
             stream.finish()?;
+            // `write_all` returns once quinn has buffered the bytes, long
+            // before they reach a client on a congested or lossy path: wait
+            // until the client has acknowledged all of them, so that a newer
+            // update can still reset this one instead of queueing behind it.
+            stream.stopped().await?;
             Ok::<_, StreamError>(())
         } => Some(r),
     };
@@ -1102,6 +1177,8 @@ enum StreamError {
     Write(#[from] quinn::WriteError),
     #[error(transparent)]
     Closed(#[from] quinn::ClosedStream),
+    #[error(transparent)]
+    Stopped(#[from] quinn::StoppedError),
 }
 
 /// Serves this relay's worlds to child relays (tiers).
