@@ -273,6 +273,70 @@ fn unwrap_residual(predicted: u32, r: i64, m: u64) -> u64 {
     (predicted as i64 + r).rem_euclid(m as i64) as u64
 }
 
+/// Walks one entity's field mask for encoder and decoder alike (so the two
+/// cannot drift apart): the model of each field's bit, and what a field's
+/// bit means for the contexts that follow.
+struct MaskWalk {
+    prefix: u32,
+    prev: bool,
+}
+
+impl MaskWalk {
+    fn new() -> MaskWalk {
+        MaskWalk {
+            prefix: 0,
+            prev: true,
+        }
+    }
+
+    /// Model index of field `f`'s changed bit.
+    #[inline]
+    fn node(&self, motion: usize, f: usize) -> usize {
+        mask_node(motion, f, self.prefix, self.prev)
+    }
+
+    /// Records field `f`'s bit; an unchanged field clears its lanes'
+    /// history. Returns the bit.
+    #[inline]
+    fn push(&mut self, f: usize, changed: bool, slot: &FieldSlot, history: &mut [u32]) -> bool {
+        self.prev = changed;
+        if f < JOINT_FIELDS {
+            self.prefix = (self.prefix << 1) | changed as u32;
+        }
+        if !changed {
+            history[slot.lane..slot.lane + slot.lanes].fill(0);
+        }
+        changed
+    }
+}
+
+/// Contexts of one residual: (magnitude model, sign model). The lane's own
+/// motion between `prev` and `base` (size and direction), the magnitude of
+/// the entity's previous lane and of this lane in the previous changed
+/// entity.
+#[inline]
+fn residual_ctx(
+    motion: &Motion<'_>,
+    base: &[u32],
+    lane: usize,
+    prev_class: u32,
+    history: u32,
+) -> (usize, usize) {
+    let (lane_motion, direction) = motion.prev.map_or((0, 0), |p| {
+        let size = bucket(class_of(p[lane].abs_diff(base[lane]) as u64));
+        let direction = match base[lane].cmp(&p[lane]) {
+            std::cmp::Ordering::Equal => 0,
+            std::cmp::Ordering::Greater => 1,
+            std::cmp::Ordering::Less => 2,
+        };
+        (size, direction)
+    });
+    (
+        value_ctx(lane_motion, prev_class, history),
+        direction * BUCKETS + lane_motion,
+    )
+}
+
 /// What the codec knows of an entity's motion between `prev` and `base`.
 struct Motion<'a> {
     prev: Option<&'a [u32]>,
@@ -441,24 +505,13 @@ impl Codec {
             if !changed {
                 continue;
             }
-            let mut prefix = 0u32;
-            let mut prev_field = true;
+            let mut mask = MaskWalk::new();
             let mut prev_class = 0u32;
             for (f, slot) in layout.fields().iter().enumerate() {
                 let fc = field_changed(slot, bl, tl, bb, tb);
-                enc.bit(
-                    &mut m.field[mask_node(motion.bucket, f, prefix, prev_field)],
-                    fc,
-                );
-                prev_field = fc;
-                if f < JOINT_FIELDS {
-                    prefix = (prefix << 1) | fc as u32;
-                }
-                if !fc {
+                enc.bit(&mut m.field[mask.node(motion.bucket, f)], fc);
+                if !mask.push(f, fc, slot, &mut m.lane_history) {
                     prev_class = 0;
-                    for lane in slot.lane..slot.lane + slot.lanes {
-                        m.lane_history[lane] = 0;
-                    }
                     continue;
                 }
                 if let Some(b) = slot.blob {
@@ -487,17 +540,8 @@ impl Codec {
                             };
                             let p = predict(bl[lane], prev, kind, ratio);
                             let r = wrap(tl[lane], p, modulus(kind));
-                            let lane_motion = motion
-                                .prev
-                                .map_or(0, |p| bucket(class_of(p[lane].abs_diff(bl[lane]) as u64)));
-                            let direction =
-                                motion.prev.map_or(0, |p| match bl[lane].cmp(&p[lane]) {
-                                    std::cmp::Ordering::Equal => 0,
-                                    std::cmp::Ordering::Greater => 1,
-                                    std::cmp::Ordering::Less => 2,
-                                });
-                            let sign_ctx = direction * BUCKETS + lane_motion;
-                            let ctx = value_ctx(lane_motion, prev_class, m.lane_history[lane]);
+                            let (ctx, sign_ctx) =
+                                residual_ctx(&motion, bl, lane, prev_class, m.lane_history[lane]);
                             prev_class = m.value[lane][ctx]
                                 .fresh(m.epoch)
                                 .encode(&mut enc, r.unsigned_abs());
@@ -629,20 +673,12 @@ impl Codec {
                 continue;
             }
             let tl = &mut kept_lanes[start..start + lanes_per];
-            let mut prefix = 0u32;
-            let mut prev_field = true;
+            let mut mask = MaskWalk::new();
             let mut prev_class = 0u32;
             for (f, slot) in layout.fields().iter().enumerate() {
-                let fc = dec.bit(&mut m.field[mask_node(motion.bucket, f, prefix, prev_field)]);
-                prev_field = fc;
-                if f < JOINT_FIELDS {
-                    prefix = (prefix << 1) | fc as u32;
-                }
-                if !fc {
+                let fc = dec.bit(&mut m.field[mask.node(motion.bucket, f)]);
+                if !mask.push(f, fc, slot, &mut m.lane_history) {
                     prev_class = 0;
-                    for lane in slot.lane..slot.lane + slot.lanes {
-                        m.lane_history[lane] = 0;
-                    }
                     continue;
                 }
                 if let Some(b) = slot.blob {
@@ -668,17 +704,8 @@ impl Codec {
                                 None
                             };
                             let p = predict(bl[lane], prev, kind, ratio);
-                            let lane_motion = motion
-                                .prev
-                                .map_or(0, |p| bucket(class_of(p[lane].abs_diff(bl[lane]) as u64)));
-                            let direction =
-                                motion.prev.map_or(0, |p| match bl[lane].cmp(&p[lane]) {
-                                    std::cmp::Ordering::Equal => 0,
-                                    std::cmp::Ordering::Greater => 1,
-                                    std::cmp::Ordering::Less => 2,
-                                });
-                            let sign_ctx = direction * BUCKETS + lane_motion;
-                            let ctx = value_ctx(lane_motion, prev_class, m.lane_history[lane]);
+                            let (ctx, sign_ctx) =
+                                residual_ctx(&motion, bl, lane, prev_class, m.lane_history[lane]);
                             let (mag, class) = m.value[lane][ctx]
                                 .fresh(m.epoch)
                                 .decode(&mut dec)
