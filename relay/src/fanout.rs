@@ -34,6 +34,7 @@ use dashmap::DashMap;
 use proto::interest::Grid;
 use proto::msg::{CellId, Chunk, Update};
 use proto::{Layout, Snapshot, StateHash, delta};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -228,10 +229,24 @@ fn share(previous: Option<&TickState>, cell: CellId, part: Snapshot) -> CellStat
 /// for a cell keyframe) and the target tick.
 pub type ChunkKey = (CellId, Option<u64>, u64);
 
+/// Ticks of chunks kept behind the newest target: a sender always builds
+/// for the newest tick it has seen, so chunks of older targets are asked
+/// for again only by a sender that read its tick just before a newer one
+/// arrived.
+const KEEP_TARGETS: u64 = 2;
+
 /// Encoded chunks shared by every client of a world.
+///
+/// Only the chunks of the newest few target ticks are kept
+/// ([`ChunkCache::evict_before`]): holding the whole ring's worth (tens of
+/// thousands of chunks for a large world) made every lookup a cache miss
+/// and every eviction a scan of all of them, for chunks never asked for
+/// again.
 #[derive(Default)]
 pub struct ChunkCache {
     map: DashMap<ChunkKey, Bytes>,
+    /// Newest target tick cached.
+    newest: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     encode_ns: AtomicU64,
@@ -262,15 +277,24 @@ impl ChunkCache {
         self.encode_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if self.enabled {
+            self.newest.fetch_max(key.2, Ordering::Relaxed);
             self.map.entry(key).or_insert_with(|| bytes.clone());
         }
         bytes
     }
 
-    /// Forgets every chunk whose target or baseline is before `tick`.
+    /// Forgets every chunk whose target or baseline is before `tick`, and
+    /// every chunk whose target is more than [`KEEP_TARGETS`] ticks older
+    /// than the newest target cached. Call it once per tick (the relay does
+    /// when its ring drops a tick).
     pub fn evict_before(&self, tick: u64) {
+        let targets = tick.max(
+            self.newest
+                .load(Ordering::Relaxed)
+                .saturating_sub(KEEP_TARGETS),
+        );
         self.map
-            .retain(|&(_, base, target), _| target >= tick && base.is_none_or(|b| b >= tick));
+            .retain(|&(_, base, target), _| target >= targets && base.is_none_or(|b| b >= tick));
     }
 
     /// Chunks held.
@@ -297,10 +321,35 @@ impl ChunkCache {
     }
 }
 
+thread_local! {
+    /// One delta codec per thread, reused for every chunk. A codec's
+    /// adaptive models are large (about 135 KB for plaza's six lanes):
+    /// `delta::encode` allocates and initialises a fresh set and then resets
+    /// it once more, which cost more than coding a cell's few entities.
+    static CODEC: RefCell<Option<delta::Codec>> = const { RefCell::new(None) };
+}
+
+/// Codes one cell's delta from `from` to `to` (the same bytes as
+/// [`delta::encode`] without prediction), with this thread's codec.
+fn encode_chunk(layout: &Layout, from: &Snapshot, to: &Snapshot) -> Bytes {
+    CODEC.with(|codec| {
+        let mut codec = codec.borrow_mut();
+        let codec = codec.get_or_insert_with(|| delta::Codec::new(layout));
+        let mut out = Vec::new();
+        // `encode` resets the models first (and rebuilds them for another
+        // layout), so every chunk is coded from the same initial state.
+        codec.encode(layout, from, None, to, &mut out);
+        Bytes::from(out)
+    })
+}
+
 /// A relay's record of one client: what it was sent and what it acknowledged.
 #[derive(Debug)]
 pub struct ClientView {
     interest: Interest,
+    /// The cells of an `Around` interest, computed once per interest (they
+    /// depend only on the area and the grid) and shared with `sent`.
+    area_cells: Option<(Interest, Arc<[CellId]>)>,
     /// (tick, cells the client holds at that tick), oldest first.
     sent: VecDeque<(u64, Arc<[CellId]>)>,
     acked: Option<u64>,
@@ -322,6 +371,7 @@ impl ClientView {
     pub fn new(interest: Interest, max_sent: usize) -> ClientView {
         ClientView {
             interest,
+            area_cells: None,
             sent: VecDeque::new(),
             acked: None,
             max_sent: max_sent.max(2),
@@ -376,6 +426,21 @@ impl ClientView {
         self.sent.len()
     }
 
+    /// The cells the client wants at `target`.
+    fn cells(&mut self, world: &WorldState, target: &TickState) -> Arc<[CellId]> {
+        if !matches!(self.interest, Interest::Around { .. }) || world.grid().is_none() {
+            return world.interest_cells(self.interest, target).into();
+        }
+        if let Some((interest, cells)) = &self.area_cells
+            && *interest == self.interest
+        {
+            return cells.clone();
+        }
+        let cells: Arc<[CellId]> = world.interest_cells(self.interest, target).into();
+        self.area_cells = Some((self.interest, cells.clone()));
+        cells
+    }
+
     /// Builds the update that brings the client to `target`, coded against
     /// its newest acknowledged tick if `world` still holds it, otherwise a
     /// keyframe. Returns `None` if `target` was already sent.
@@ -398,12 +463,12 @@ impl ClientView {
                     .find(|(t, _)| *t == state.tick)
                     .map(|(_, cells)| (state.clone(), cells.clone()))
             });
-        let cells = world.interest_cells(self.interest, target);
+        let cells = self.cells(world, target);
         let layout = world.layout();
-        let mut chunks = Vec::new();
+        let mut chunks = Vec::with_capacity(cells.len());
         let mut dropped = Vec::new();
         let mut hash = StateHash(0);
-        for &cell in &cells {
+        for &cell in cells.iter() {
             let now = target.cells.get(&cell);
             if let Some(now) = now {
                 hash = hash.combine(now.hash);
@@ -430,9 +495,7 @@ impl ClientView {
                 let empty = Snapshot::empty(layout);
                 let from = before.map_or(&empty, |c| &c.snapshot);
                 let to = now.map_or(&empty, |c| &c.snapshot);
-                let mut out = Vec::new();
-                delta::encode(layout, from, None, to, &mut out);
-                Bytes::from(out)
+                encode_chunk(layout, from, to)
             });
             chunks.push(Chunk { cell, data });
         }
@@ -453,10 +516,48 @@ impl ClientView {
             chunks,
             dropped,
         };
-        self.sent.push_back((target.tick, cells.into()));
+        self.sent.push_back((target.tick, cells));
         while self.sent.len() > self.max_sent {
             self.sent.pop_front();
         }
         Some(Built { update, keyframe })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use origin::Simulation;
+
+    /// The thread's reused codec gives the bytes a fresh codec gives, also
+    /// when chunks of two worlds (two layouts) alternate on one thread.
+    #[test]
+    fn reused_codec_codes_as_a_fresh_one() {
+        let mut plaza = origin::worlds::plaza::Plaza::new(origin::worlds::plaza::PlazaConfig {
+            avatars: 300,
+            size_m: 400.0,
+            seed: 3,
+        });
+        let mut cubes = origin::worlds::by_name("cubes", 1).unwrap();
+        let worlds: [&mut dyn Simulation; 2] = [&mut plaza, cubes.as_mut()];
+        let mut frames = Vec::new();
+        for sim in worlds {
+            let layout = sim.schema().layout().unwrap();
+            let a = sim.snapshot(&layout);
+            sim.step();
+            sim.step();
+            let b = sim.snapshot(&layout);
+            frames.push((layout, a, b));
+        }
+        for _ in 0..2 {
+            for (layout, a, b) in &frames {
+                let empty = Snapshot::empty(layout);
+                for (from, to) in [(a, b), (&empty, b), (b, &empty)] {
+                    let mut fresh = Vec::new();
+                    delta::encode(layout, from, None, to, &mut fresh);
+                    assert_eq!(encode_chunk(layout, from, to), Bytes::from(fresh));
+                }
+            }
+        }
     }
 }
