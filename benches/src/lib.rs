@@ -1,10 +1,12 @@
 //! Measurement tools for statecast: the bit-packed baseline codec, trace
 //! files, and the codec run over a trace that `statecast trace bench` and the
-//! criterion benches report.
+//! criterion benches report; the fan-out load tool ([`fanout`], binary
+//! `fanout`).
 //!
 //! Figures and the commands that produce them are in `benches/README.md`.
 
 pub mod bitpack;
+pub mod fanout;
 pub mod measure;
 pub mod trace;
 
