@@ -47,9 +47,9 @@ struct Args {
     /// Side of the plaza world, in metres.
     #[arg(long, default_value_t = 2000.0)]
     world_size: f64,
-    /// Interest radius of every client, in metres (100 m with 50 m cells
+    /// Interest radius of every client, in metres (110 m with 50 m cells
     /// gives about 150 entities per client in the default world).
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 110.0)]
     radius: f64,
     /// Relay cell size, in metres.
     #[arg(long, default_value_t = 50.0)]

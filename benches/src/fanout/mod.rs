@@ -93,7 +93,7 @@ impl Default for Settings {
             warmup: Duration::from_secs(3),
             avatars: 10_000,
             world_size_m: 2000.0,
-            radius: 100.0,
+            radius: 110.0,
             cell_size: 50.0,
             seed: 1,
             endpoints: 4,
