@@ -92,16 +92,6 @@ impl Args {
 
     /// Overrides `config` with every flag that was given, and only those.
     pub fn apply(&self, config: &mut Config) {
-        fn set<T: Clone>(flag: &Option<T>, field: &mut T) {
-            if let Some(value) = flag {
-                *field = value.clone();
-            }
-        }
-        fn set_opt<T: Clone>(flag: &Option<T>, field: &mut Option<T>) {
-            if flag.is_some() {
-                field.clone_from(flag);
-            }
-        }
         set(&self.world, &mut config.world);
         set_opt(&self.avatars, &mut config.avatars);
         set(&self.seed, &mut config.seed);
@@ -121,9 +111,30 @@ impl Args {
 
 /// Reads an origin configuration file (TOML, unknown keys refused).
 pub fn read_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    read_toml(path)
+}
+
+/// Reads a TOML configuration file; shared by the subcommands that take one.
+pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> anyhow::Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))
+}
+
+/// Sets `field` to the flag's value when the flag was given.
+pub(crate) fn set<T: Clone>(flag: &Option<T>, field: &mut T) {
+    if let Some(value) = flag {
+        *field = value.clone();
+    }
+}
+
+/// Sets an optional `field` to the flag's value when the flag was given.
+pub(crate) fn set_opt<T: Clone>(flag: &Option<T>, field: &mut Option<T>) {
+    if flag.is_some() {
+        field.clone_from(flag);
+    }
 }
 
 /// Resolves on Ctrl-C or (on Unix) SIGTERM.

@@ -123,16 +123,7 @@ impl Args {
 
     /// Overrides `config` with every flag that was given, and only those.
     pub fn apply(&self, config: &mut Config) {
-        fn set<T: Clone>(flag: &Option<T>, field: &mut T) {
-            if let Some(value) = flag {
-                *field = value.clone();
-            }
-        }
-        fn set_opt<T: Clone>(flag: &Option<T>, field: &mut Option<T>) {
-            if flag.is_some() {
-                field.clone_from(flag);
-            }
-        }
+        use crate::origin_cmd::{set, set_opt};
         set(&self.origin, &mut config.upstream);
         set(&self.listen, &mut config.listen);
         set(&self.admin, &mut config.admin);
@@ -162,9 +153,7 @@ impl Args {
 
 /// Reads a relay configuration file (TOML, unknown keys refused).
 pub fn read_config(path: &Path) -> anyhow::Result<Config> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Config::from_toml(&text).with_context(|| format!("cannot parse {}", path.display()))
+    crate::origin_cmd::read_toml(path)
 }
 
 /// Checks what the wire would refuse later (or the relay would silently
