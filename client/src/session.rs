@@ -23,8 +23,10 @@
 //!    next updates against the newest acknowledged tick. A divergent state is
 //!    dropped and not acknowledged, so the next update repairs it.
 //! 4. **Control.** Later on the control stream the relay may send a
-//!    [`Goaway`] (move elsewhere before a deadline) or an error (the session
-//!    ends); the client may send an [`Interest`] to change its area.
+//!    [`Goaway`] (move elsewhere before a deadline), a [`Directory`] (the
+//!    relays of the network, reported as [`SessionEvent::Directory`]) or an
+//!    error (the session ends); the client may send an [`Interest`] to
+//!    change its area.
 //! 5. **Inputs** ([`Session::send_input`]) go as [`Input`] datagrams, newest
 //!    first with the three previous inputs repeated, paced below twice the
 //!    tick rate (the relay's limit).
@@ -74,8 +76,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use proto::msg::{
-    Ack, Area, CellId, Goaway, Hello, Input, Interest, MAX_INPUT_LEN, MAX_INPUT_REDUNDANCY,
-    MAX_RESUME_CELLS, Message, MessageType, Resume, Retry, Update, VERSION, Welcome,
+    Ack, Area, CellId, Directory, Goaway, Hello, Input, Interest, MAX_INPUT_LEN,
+    MAX_INPUT_REDUNDANCY, MAX_RESUME_CELLS, Message, MessageType, Resume, Retry, Update, VERSION,
+    Welcome,
 };
 use proto::{ErrorCode, Layout, StateHash};
 use quinn::{ConnectionError, ReadError, VarInt, WriteError};
@@ -91,8 +94,17 @@ use crate::replica::{ApplyError, Event, Replica, State};
 pub const AGENT: &str = concat!("statecast-client/", env!("CARGO_PKG_VERSION"));
 
 /// Largest frame accepted on the control stream after the welcome: goaway
-/// and error messages are well below 2 KiB.
-const CONTROL_MAX_FRAME: usize = 4 << 10;
+/// and error messages are well below 2 KiB; a directory is bounded by its
+/// own limit (at most [`proto::msg::MAX_RELAYS`] entries of bounded
+/// strings, about 150 KiB).
+const CONTROL_MAX_FRAME: usize = {
+    let directory = MessageType::Directory.max_len();
+    if directory > 4 << 10 {
+        directory
+    } else {
+        4 << 10
+    }
+};
 
 /// Update streams read at once. A relay resets superseded streams, so more
 /// than a few open at once means the client is behind: the oldest is
@@ -193,6 +205,10 @@ pub enum SessionEvent {
     },
     /// The relay is draining: move to another relay before the deadline.
     Goaway(Goaway),
+    /// The relay told the client about the relays of the network (itself
+    /// included), as route candidates. Latest-wins: when several arrive
+    /// before the application asks, only the newest is reported.
+    Directory(Directory),
     /// The session ended; later calls fail with [`SessionError::Closed`].
     Closed {
         /// The code the relay gave, if any (`None`: the connection was lost).
@@ -597,6 +613,8 @@ struct Counters {
 struct InboxState {
     updates: VecDeque<Received>,
     goaways: VecDeque<Goaway>,
+    /// The newest directory not yet reported (one at most: bounded).
+    directory: Option<Directory>,
     end: Option<End>,
     counters: Counters,
 }
@@ -613,6 +631,7 @@ struct Inbox {
 enum Item {
     Update(Received),
     Goaway(Goaway),
+    Directory(Directory),
     End(End),
 }
 
@@ -656,6 +675,17 @@ impl Inbox {
         self.notify.notify_one();
     }
 
+    /// Keeps the newest directory only: a relay sending many cannot make
+    /// the client hold more than one.
+    fn push_directory(&self, directory: Directory) {
+        let mut state = self.lock();
+        if state.end.is_none() {
+            state.directory = Some(directory);
+        }
+        drop(state);
+        self.notify.notify_one();
+    }
+
     fn count(&self, f: impl FnOnce(&mut Counters)) {
         f(&mut self.lock().counters);
     }
@@ -683,6 +713,9 @@ impl Inbox {
         let counters = state.counters;
         if let Some(goaway) = state.goaways.pop_front() {
             return (Some(Item::Goaway(goaway)), counters);
+        }
+        if let Some(directory) = state.directory.take() {
+            return (Some(Item::Directory(directory)), counters);
         }
         if !state.updates.is_empty() {
             let newest = replica.current().map(|s| s.tick());
@@ -956,6 +989,9 @@ impl Session {
                     }
                 }
                 Some(Item::Goaway(goaway)) => return Ok(SessionEvent::Goaway(goaway)),
+                Some(Item::Directory(directory)) => {
+                    return Ok(SessionEvent::Directory(directory));
+                }
                 Some(Item::End(end)) => {
                     self.ended = Some(end.clone());
                     return match end {
@@ -1444,7 +1480,7 @@ async fn read_update_stream(stream: quinn::RecvStream, conn: quinn::Connection, 
     }
 }
 
-/// Reads the control stream after the welcome: goaways, or an error that
+/// Reads the control stream after the welcome: goaways, directories, or an error that
 /// ends the session.
 async fn read_control(mut recv: FramedRecv, conn: quinn::Connection, inbox: Arc<Inbox>) {
     loop {
@@ -1457,6 +1493,13 @@ async fn read_control(mut recv: FramedRecv, conn: quinn::Connection, inbox: Arc<
                     "the relay asks the client to move"
                 );
                 inbox.push_goaway(goaway);
+            }
+            Ok(Some(Message::Directory(directory))) => {
+                tracing::debug!(
+                    relays = directory.relays.len(),
+                    "the relay sent a directory"
+                );
+                inbox.push_directory(directory);
             }
             Ok(Some(Message::Error(error))) => {
                 inbox.finish(End::Closed {
@@ -1663,6 +1706,31 @@ mod tests {
         assert_eq!(counters.updates, 3);
         assert_eq!(counters.on_streams, 3);
         assert_eq!(superseded, 0);
+    }
+
+    #[test]
+    fn only_the_newest_directory_is_kept() {
+        let replica = replica_at_tick_1();
+        let inbox = Inbox::new(2);
+        let directory = |id: &str| Directory {
+            relays: vec![proto::msg::RelayInfo {
+                id: id.into(),
+                addr: "127.0.0.1:4434".into(),
+                probe_addr: "127.0.0.1:4435".into(),
+                region: "local".into(),
+                load: 0,
+                coords: None,
+            }],
+        };
+        for id in ["a", "b", "c"] {
+            inbox.push_directory(directory(id));
+        }
+        let mut superseded = 0;
+        match inbox.take(&replica, &mut superseded).0 {
+            Some(Item::Directory(d)) => assert_eq!(d.relays[0].id, "c"),
+            _ => panic!("expected the newest directory"),
+        }
+        assert!(inbox.take(&replica, &mut superseded).0.is_none());
     }
 
     #[test]
