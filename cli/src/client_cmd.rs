@@ -3,8 +3,18 @@
 //! status line on stderr, and ends with a summary (human, or one JSON object
 //! with `--json`).
 //!
-//! It runs until `--duration` has passed, Ctrl-C, or the relay ends the
-//! session. The exit status is non-zero when any tick diverged from the
+//! Two ways to pick the relay:
+//!
+//! - `--relay ADDR`: that relay only; the run ends when it ends the session.
+//! - `--relays A,B,C` or `--discover DOMAIN [--dns-server ADDR]`: candidates
+//!   from a static list or from DNS (`_statecast._udp.DOMAIN`); the client
+//!   probes them, connects to the best one and stays connected, moving to
+//!   the next best (resuming its session) when its relay fails or drains
+//!   ([`client::roam`]). The summary adds the relay switches, how many
+//!   resumed without a keyframe, and the longest gap between two updates.
+//!
+//! It runs until `--duration` has passed, Ctrl-C, or the session ends for
+//! good. The exit status is non-zero when any tick diverged from the
 //! origin's hash, when the relay refused the session, and when the session
 //! ended on an error rather than on request.
 
@@ -14,6 +24,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use client::discover::Discoverer;
+use client::roam::{self, Move, RoamEvent, RoamStats, Roamer};
+use client::select::Candidate;
 use client::session::{self, Blame, Config, Session, SessionEvent, Stats};
 use proto::ErrorCode;
 use proto::msg::Area;
@@ -24,9 +37,28 @@ use transport::Trust;
 /// Arguments of `client`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// The relay's client address, `host:port`.
+    /// The relay's client address, `host:port`: that relay only, no
+    /// failover (the default when neither --relays nor --discover is given).
     #[arg(long, default_value = "127.0.0.1:4434", env = "STATECAST_RELAY")]
     pub relay: String,
+    /// Candidate relays, `HOST:PORT[/PROBE_PORT]` separated by commas (the
+    /// probe port defaults to the client port + 1, as 4434 and 4435): probe
+    /// them, use the best, fail over to the next.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "STATECAST_RELAYS",
+        conflicts_with = "discover"
+    )]
+    pub relays: Vec<String>,
+    /// Find the candidate relays in DNS, under `_statecast._udp.DOMAIN`
+    /// (SRV, TXT and address records), then as with --relays.
+    #[arg(long, env = "STATECAST_DISCOVER")]
+    pub discover: Option<String>,
+    /// The DNS server to ask for --discover (`ip:port`); default: the
+    /// system's resolvers.
+    #[arg(long, env = "STATECAST_DNS_SERVER", requires = "discover")]
+    pub dns_server: Option<SocketAddr>,
     /// World to join.
     #[arg(long, default_value = "plaza", env = "STATECAST_WORLD")]
     pub world: String,
@@ -114,9 +146,51 @@ pub struct Summary {
     pub ended: String,
     /// Set when the run failed (refused, divergences, session error).
     pub error: Option<String>,
-    /// The session's counters.
+    /// Moves to another relay (failovers, drains, better relays).
+    pub relay_switches: u64,
+    /// Moves whose first update was a delta from the resumed tick.
+    pub resumed_without_keyframe: u64,
+    /// Longest time between two applied updates, in milliseconds.
+    pub longest_gap_ms: f64,
+    /// Milliseconds from the start to the first applied update.
+    pub first_update_ms: Option<f64>,
+    /// Every move, oldest first.
+    pub moves: Vec<Move>,
+    /// The sessions' counters (summed over every relay used).
     #[serde(flatten)]
     pub stats: Stats,
+}
+
+impl Summary {
+    fn new(relay: String, world: String) -> Summary {
+        Summary {
+            relay,
+            relay_id: None,
+            region: None,
+            session: None,
+            world,
+            duration_s: 0.0,
+            ended: String::new(),
+            error: None,
+            relay_switches: 0,
+            resumed_without_keyframe: 0,
+            longest_gap_ms: 0.0,
+            first_update_ms: None,
+            moves: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Sets [`Summary::error`] when ticks diverged and nothing worse
+    /// happened.
+    fn check_divergences(&mut self) {
+        if self.error.is_none() && self.stats.divergences > 0 {
+            self.error = Some(format!(
+                "{} of {} ticks did not match the origin's hash",
+                self.stats.divergences, self.stats.hash_checked
+            ));
+        }
+    }
 }
 
 /// Runs `statecast client`.
@@ -125,7 +199,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    let summary = runtime.block_on(drive(&args))?;
+    let roaming = !args.relays.is_empty() || args.discover.is_some();
+    let summary = if roaming {
+        runtime.block_on(drive_roaming(&args))?
+    } else {
+        runtime.block_on(drive(&args))?
+    };
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -183,17 +262,7 @@ async fn drive(args: &Args) -> anyhow::Result<Summary> {
     }
     tracing::info!(relay = %addr, world = %args.world, "connecting");
 
-    let mut summary = Summary {
-        relay: args.relay.clone(),
-        relay_id: None,
-        region: None,
-        session: None,
-        world: args.world.clone(),
-        duration_s: 0.0,
-        ended: String::new(),
-        error: None,
-        stats: Stats::default(),
-    };
+    let mut summary = Summary::new(args.relay.clone(), args.world.clone());
     let mut session = match Session::connect(&endpoint, config).await {
         Ok(session) => session,
         Err(error) => {
@@ -230,14 +299,8 @@ async fn drive(args: &Args) -> anyhow::Result<Summary> {
     summary.duration_s = started.elapsed().as_secs_f64();
     summary.stats = session.stats().clone();
     summary.ended = ended;
-    summary.error = error.or_else(|| {
-        (summary.stats.divergences > 0).then(|| {
-            format!(
-                "{} of {} ticks did not match the origin's hash",
-                summary.stats.divergences, summary.stats.hash_checked
-            )
-        })
-    });
+    summary.error = error;
+    summary.check_divergences();
     session.close().await;
     let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
     Ok(summary)
@@ -295,8 +358,11 @@ async fn run_session(
                 Err(error) => {
                     break ("session error".to_owned(), Some(error.to_string()));
                 }
+                // Other relays (a directory): --relay uses this relay only.
+                #[allow(unreachable_patterns)]
+                Ok(_) => {}
             },
-            _ = status.tick() => window.report(session, terminal),
+            _ = status.tick() => window.report(session.stats(), None, terminal),
             _ = &mut stop => break ("duration reached".to_owned(), None),
             _ = &mut ctrl_c => break ("interrupted".to_owned(), None),
         }
@@ -325,15 +391,15 @@ impl Window {
         }
     }
 
-    fn report(&mut self, session: &Session, terminal: bool) {
-        let stats = session.stats();
+    fn report(&mut self, stats: &Stats, relay: Option<&str>, terminal: bool) {
         let now = Instant::now();
         let secs = now.duration_since(self.at).as_secs_f64().max(1e-3);
         let kbps = (stats.bytes_received - self.bytes) as f64 * 8.0 / 1000.0 / secs;
         let rate = (stats.ticks_applied - self.ticks) as f64 / secs;
         let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        let relay = relay.map_or(String::new(), |r| format!("{r} | "));
         let line = format!(
-            "tick {} | {} applied ({rate:.0}/s) | {kbps:.1} kbit/s | latency p50 {} p99 {} ms | divergences {}",
+            "{relay}tick {} | {} applied ({rate:.0}/s) | {kbps:.1} kbit/s | latency p50 {} p99 {} ms | divergences {}",
             stats.tick.map_or("-".to_owned(), |t| t.to_string()),
             stats.ticks_applied,
             ms(self.latency.p50_ms()),
@@ -401,9 +467,208 @@ fn print_summary(summary: &Summary) {
         ms(s.latency_ms.p99_ms()),
         ms(s.latency_ms.max_ms())
     );
+    if !summary.moves.is_empty() || summary.relay_switches > 0 {
+        println!(
+            "  moves      {} ({} resumed without a keyframe), longest gap {:.0} ms",
+            summary.relay_switches, summary.resumed_without_keyframe, summary.longest_gap_ms
+        );
+        for m in &summary.moves {
+            println!(
+                "             at {:.1} s {} ({}) -> {} ({}): {}, gap {:.0} ms{}",
+                m.at_ms / 1e3,
+                m.from,
+                m.from_region,
+                m.to,
+                m.to_region,
+                m.reason,
+                m.gap_ms,
+                if m.keyframe { ", keyframe" } else { "" }
+            );
+        }
+    }
     if let Some(error) = &summary.error {
         println!("  FAILED     {error}");
     }
+}
+
+/// One `HOST:PORT[/PROBE_PORT]` of `--relays`, resolved.
+async fn static_candidate(entry: &str) -> anyhow::Result<Candidate> {
+    let entry = entry.trim();
+    let (quic, probe_port) = match entry.rsplit_once('/') {
+        Some((quic, port)) => {
+            let port: u16 = port
+                .parse()
+                .ok()
+                .filter(|p| *p != 0)
+                .with_context(|| format!("{entry:?}: {port:?} is not a probe port"))?;
+            (quic, Some(port))
+        }
+        None => (entry, None),
+    };
+    let connect = resolve(quic).await?;
+    let probe_port = match probe_port {
+        Some(port) => port,
+        None => connect.port().checked_add(1).with_context(|| {
+            format!("{entry:?}: no probe port, and the client port + 1 does not exist")
+        })?,
+    };
+    Ok(Candidate::new(
+        SocketAddr::new(connect.ip(), probe_port),
+        connect,
+    ))
+}
+
+/// The candidates of `--relays` or `--discover`.
+async fn candidates(args: &Args) -> anyhow::Result<(Vec<Candidate>, String)> {
+    if let Some(domain) = &args.discover {
+        let deadline = Duration::from_secs(5);
+        let discoverer = match args.dns_server {
+            Some(server) => Discoverer::with_server(server, deadline),
+            None => Discoverer::system(deadline)
+                .context("cannot read the system's DNS configuration")?,
+        };
+        let found = discoverer
+            .discover(domain)
+            .await
+            .with_context(|| format!("cannot discover relays for {domain:?}"))?;
+        for skipped in &found.skipped {
+            tracing::warn!(host = %skipped.host, reason = %skipped.reason, "relay left out");
+        }
+        tracing::info!(domain = %domain, relays = found.relays.len(), "relays discovered");
+        let candidates = found.relays.iter().map(|r| r.candidate(None)).collect();
+        return Ok((candidates, domain.clone()));
+    }
+    let mut candidates = Vec::with_capacity(args.relays.len());
+    for entry in &args.relays {
+        candidates.push(static_candidate(entry).await?);
+    }
+    Ok((candidates, args.relays.join(",")))
+}
+
+/// `--relays` / `--discover`: probe, connect to the best, stay connected.
+async fn drive_roaming(args: &Args) -> anyhow::Result<Summary> {
+    let trust = Trust::from_flags(None, None, args.ca.clone(), args.data_dir.clone());
+    tracing::info!("trust: {}", trust.describe());
+    let tls = trust.load().context("cannot load the certificates")?;
+    let (candidates, shown) = candidates(args).await?;
+    let v6 = candidates.iter().any(|c| c.connect.is_ipv6());
+    let bind: SocketAddr = if v6 {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    let endpoint = session::endpoint(&tls, bind)?;
+    let mut config = roam::Config::new(args.world.clone());
+    config.server_name = args
+        .server_name
+        .clone()
+        .or_else(|| args.discover.clone())
+        .unwrap_or_else(|| "localhost".to_owned());
+    config.interest = args.area;
+    if let Some(token) = &args.token {
+        config.token = token.clone().into_bytes().into();
+    }
+    let mut summary = Summary::new(shown, args.world.clone());
+    tracing::info!(candidates = candidates.len(), world = %args.world, "probing relays");
+    let started = Instant::now();
+    let mut roamer = match Roamer::connect(&endpoint, candidates, config).await {
+        Ok(roamer) => roamer,
+        Err(error) => {
+            summary.ended = "not connected".to_owned();
+            summary.error = Some(format!("cannot join world {:?}: {error}", args.world));
+            return Ok(summary);
+        }
+    };
+    if let (Some(relay), Some(session)) = (roamer.relay(), roamer.session()) {
+        tracing::info!(
+            relay = %relay.addr,
+            relay_id = %relay.relay_id,
+            region = %relay.region,
+            session = format_args!("{:#x}", session.session_id()),
+            "joined"
+        );
+        summary.session = Some(session.session_id());
+    }
+    let (ended, error) = run_roamer(&mut roamer, args, started).await;
+    let stats: RoamStats = roamer.stats();
+    summary.duration_s = started.elapsed().as_secs_f64();
+    summary.relay = stats.relay.clone().unwrap_or(summary.relay);
+    summary.relay_id = stats.relay_id.clone();
+    summary.region = stats.region.clone();
+    summary.relay_switches = stats.relay_switches;
+    summary.resumed_without_keyframe = stats.resumed_without_keyframe;
+    summary.longest_gap_ms = stats.longest_gap_ms;
+    summary.first_update_ms = stats.first_update_ms;
+    summary.moves = stats.moves;
+    summary.stats = stats.session;
+    summary.ended = ended;
+    summary.error = error;
+    summary.check_divergences();
+    roamer.close().await;
+    let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
+    Ok(summary)
+}
+
+/// Handles a roamer's events until the end; returns why it ended and, if it
+/// failed, how.
+async fn run_roamer(
+    roamer: &mut Roamer,
+    args: &Args,
+    started: Instant,
+) -> (String, Option<String>) {
+    let stop = async {
+        match args.duration {
+            Some(secs) => tokio::time::sleep(Duration::from_secs_f64(secs)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let terminal = std::io::stderr().is_terminal();
+    let mut status = tokio::time::interval_at(
+        started + STATUS_PERIOD,
+        if terminal { STATUS_PERIOD } else { LOG_PERIOD },
+    );
+    status.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut window = Window::new(started);
+    let outcome = loop {
+        tokio::select! {
+            event = roamer.next_event() => match event {
+                Ok(RoamEvent::Applied { latency_us, .. }) => {
+                    if let Some(us) = latency_us {
+                        window.latency.record_us(us);
+                    }
+                }
+                Ok(RoamEvent::Divergence { tick, expected, got }) => {
+                    tracing::warn!(tick, %expected, %got, "state diverged from the origin's hash");
+                }
+                Ok(RoamEvent::Moved(m)) => {
+                    tracing::info!(
+                        from = %m.from,
+                        to = %m.to,
+                        region = %m.to_region,
+                        reason = %m.reason,
+                        gap_ms = format_args!("{:.0}", m.gap_ms),
+                        keyframe = m.keyframe,
+                        "moved to another relay"
+                    );
+                }
+                Err(error) => break ("session error".to_owned(), Some(error.to_string())),
+            },
+            _ = status.tick() => {
+                let stats = roamer.stats();
+                let relay = roamer.relay().map(|r| format!("{} ({})", r.addr, r.region));
+                window.report(&stats.session, relay.as_deref(), terminal);
+            }
+            _ = &mut stop => break ("duration reached".to_owned(), None),
+            _ = &mut ctrl_c => break ("interrupted".to_owned(), None),
+        }
+    };
+    if terminal {
+        eprintln!();
+    }
+    outcome
 }
 
 #[cfg(test)]
@@ -427,6 +692,24 @@ mod tests {
             default_server_name("relay-eu.example.com:4434"),
             "relay-eu.example.com"
         );
+    }
+
+    #[tokio::test]
+    async fn static_candidates_take_a_probe_port_or_the_next_one() {
+        let c = static_candidate("127.0.0.1:4434").await.unwrap();
+        assert_eq!(c.connect, "127.0.0.1:4434".parse().unwrap());
+        assert_eq!(c.addr, "127.0.0.1:4435".parse().unwrap());
+        let c = static_candidate(" 127.0.0.2:5000/6000").await.unwrap();
+        assert_eq!(c.connect, "127.0.0.2:5000".parse().unwrap());
+        assert_eq!(c.addr, "127.0.0.2:6000".parse().unwrap());
+        for bad in [
+            "127.0.0.1:4434/x",
+            "127.0.0.1:4434/0",
+            "127.0.0.1:65535",
+            "nohost",
+        ] {
+            assert!(static_candidate(bad).await.is_err(), "{bad}");
+        }
     }
 
     #[test]

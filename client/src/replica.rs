@@ -131,6 +131,8 @@ pub struct Applied {
 }
 
 /// A verified replica of a world (or of the cells a client is interested in).
+/// Cloning is cheap: states are shared.
+#[derive(Clone)]
 pub struct Replica {
     layout: Arc<Layout>,
     history: VecDeque<Arc<State>>,
