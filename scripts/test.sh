@@ -14,8 +14,11 @@ cd "$(dirname "$0")/.."
 # Commands that tests call, as "command:debian-package"; tests that start
 # real servers or validators add theirs here.
 #   promtool: cli/tests/processes.rs checks /metrics with `promtool check metrics`.
+#   dnsmasq: client/tests/discover.rs serves the discovery zone with a real dnsmasq
+#            (it fails under CI=true when dnsmasq is missing).
 needs=(
     "promtool:prometheus"
+    "dnsmasq:dnsmasq-base"
 )
 
 missing=()

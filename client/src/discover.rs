@@ -24,6 +24,13 @@
 //! deadline), or another DNS error. TTLs are respected: the resolver caches
 //! records no longer than their TTL, and [`Discovery::valid_until`] says
 //! when the answer expires, so a long-running client asks again then.
+//!
+//! The other two sources of candidates: a relay's [`Directory`] (sent on
+//! the control stream, [`SessionEvent::Directory`](crate::SessionEvent)),
+//! through [`from_directory`] (literal addresses only, no lookups) or
+//! [`Discoverer::from_directory`] (host names resolved by the deadline), and
+//! a static list, through [`from_static`]. Entries that cannot be used are
+//! skipped with the reason ([`Candidates::skipped`]), never fatal.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -36,7 +43,7 @@ use hickory_resolver::config::{
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RData};
-use proto::msg::{Coords, MAX_RELAYS, VERSION};
+use proto::msg::{Coords, Directory, MAX_ADDR_LEN, MAX_RELAYS, VERSION};
 use tokio::task::JoinSet;
 
 use crate::select::Candidate;
@@ -175,6 +182,240 @@ impl std::fmt::Debug for Discoverer {
     }
 }
 
+/// Route candidates from a directory or a static list, and the entries left
+/// out.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Candidates {
+    /// Usable candidates, in the order given (duplicates of a probe address
+    /// dropped).
+    pub candidates: Vec<Candidate>,
+    /// Entries left out, and why (`host` is the relay id for a directory
+    /// entry, the entry itself for a static one).
+    pub skipped: Vec<Skipped>,
+}
+
+/// A `host:port` string: a literal address, or a name to look up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum HostPort {
+    Addr(SocketAddr),
+    Name(String, u16),
+}
+
+/// Parses `host:port` (`[v6]:port` for IPv6); never looks anything up.
+fn host_port(s: &str) -> Result<HostPort, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty address".into());
+    }
+    if s.len() > MAX_ADDR_LEN {
+        return Err(format!("address longer than {MAX_ADDR_LEN} bytes"));
+    }
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return if addr.port() == 0 {
+            Err(format!("port 0 in {s:?}"))
+        } else {
+            Ok(HostPort::Addr(addr))
+        };
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("bad port in {s:?}"))?;
+    // A name: letters, digits, '-', '.', '_' (no brackets, colons, spaces).
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if !valid || Name::from_utf8(host).is_err() {
+        return Err(format!("{host:?} is neither an IP address nor a host name"));
+    }
+    Ok(HostPort::Name(host.trim_end_matches('.').to_owned(), port))
+}
+
+/// One entry to turn into a candidate.
+struct Entry {
+    label: String,
+    connect: HostPort,
+    probe: HostPort,
+    region: Option<String>,
+}
+
+/// Parses a directory's entries (at most [`MAX_RELAYS`], as the decoder
+/// allows), skipping the malformed ones.
+fn directory_entries(directory: &Directory, skipped: &mut Vec<Skipped>) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    for relay in directory.relays.iter().take(MAX_RELAYS) {
+        let label = if relay.id.is_empty() {
+            relay.addr.clone()
+        } else {
+            relay.id.clone()
+        };
+        let skip = |reason: String| Skipped {
+            host: label.clone(),
+            reason,
+        };
+        let parsed = host_port(&relay.addr)
+            .map_err(|e| format!("address: {e}"))
+            .and_then(|connect| {
+                if relay.probe_addr.trim().is_empty() {
+                    return Err("no probe address: it cannot be probed".into());
+                }
+                let probe =
+                    host_port(&relay.probe_addr).map_err(|e| format!("probe address: {e}"))?;
+                Ok((connect, probe))
+            });
+        match parsed {
+            Ok((connect, probe)) => entries.push(Entry {
+                label: label.clone(),
+                connect,
+                probe,
+                region: (!relay.region.is_empty()).then(|| relay.region.clone()),
+            }),
+            Err(reason) => skipped.push(skip(reason)),
+        }
+    }
+    entries
+}
+
+/// Parses static entries: `CONNECT` (the probe port is the next one, as a
+/// relay's defaults are: 4434 and 4435), `CONNECT/PROBE_PORT` or
+/// `CONNECT/PROBE_HOST:PORT`.
+fn static_entries(list: &[&str], skipped: &mut Vec<Skipped>) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    for item in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let parsed = (|| {
+            let (connect, probe) = match item.split_once('/') {
+                Some((c, p)) => (c, Some(p.trim())),
+                None => (item, None),
+            };
+            let connect = host_port(connect)?;
+            let port = match &connect {
+                HostPort::Addr(a) => a.port(),
+                HostPort::Name(_, p) => *p,
+            };
+            let with_port = |p: u16| match &connect {
+                HostPort::Addr(a) => HostPort::Addr(SocketAddr::new(a.ip(), p)),
+                HostPort::Name(n, _) => HostPort::Name(n.clone(), p),
+            };
+            let probe = match probe {
+                None => with_port(
+                    port.checked_add(1)
+                        .ok_or_else(|| format!("no port after {port} for the probe"))?,
+                ),
+                Some(p) => match p.parse::<u16>() {
+                    Ok(0) => return Err("probe port 0".to_string()),
+                    Ok(p) => with_port(p),
+                    Err(_) => host_port(p).map_err(|e| format!("probe address: {e}"))?,
+                },
+            };
+            Ok((connect, probe))
+        })();
+        match parsed {
+            Ok((connect, probe)) => entries.push(Entry {
+                label: item.to_owned(),
+                connect,
+                probe,
+                region: None,
+            }),
+            Err(reason) => skipped.push(Skipped {
+                host: item.to_owned(),
+                reason,
+            }),
+        }
+    }
+    entries
+}
+
+/// Builds candidates from entries, addresses looked up in `resolved`.
+fn build(
+    entries: Vec<Entry>,
+    resolved: &std::collections::HashMap<String, Result<IpAddr, String>>,
+    mut skipped: Vec<Skipped>,
+) -> Candidates {
+    let lookup = |hp: &HostPort| -> Result<SocketAddr, String> {
+        match hp {
+            HostPort::Addr(a) => Ok(*a),
+            HostPort::Name(name, port) => match resolved.get(name) {
+                Some(Ok(ip)) => Ok(SocketAddr::new(*ip, *port)),
+                Some(Err(e)) => Err(format!("{name}: {e}")),
+                None => Err(format!(
+                    "{name} is a host name: it needs a DNS lookup \
+                     (Discoverer::from_directory resolves names)"
+                )),
+            },
+        }
+    };
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut seen = HashSet::new();
+    for entry in entries {
+        match lookup(&entry.connect).and_then(|c| Ok((c, lookup(&entry.probe)?))) {
+            Ok((connect, probe)) => {
+                if seen.insert(probe) {
+                    candidates.push(Candidate {
+                        addr: probe,
+                        connect,
+                        region: entry.region,
+                        hint: None,
+                    });
+                } else {
+                    skipped.push(Skipped {
+                        host: entry.label,
+                        reason: format!("probe address {probe} listed twice"),
+                    });
+                }
+            }
+            Err(reason) => skipped.push(Skipped {
+                host: entry.label,
+                reason,
+            }),
+        }
+    }
+    Candidates {
+        candidates,
+        skipped,
+    }
+}
+
+fn names(entries: &[Entry]) -> Vec<String> {
+    let mut names: Vec<String> = entries
+        .iter()
+        .flat_map(|e| [&e.connect, &e.probe])
+        .filter_map(|hp| match hp {
+            HostPort::Name(n, _) => Some(n.clone()),
+            HostPort::Addr(_) => None,
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Candidates from a relay's directory, without any lookup: entries whose
+/// addresses are IP literals become candidates (probe address, client
+/// address, region); entries naming hosts are skipped with the reason (use
+/// [`Discoverer::from_directory`] to resolve them), as are malformed ones
+/// (no probe address, no port, not an address).
+pub fn from_directory(directory: &Directory) -> Candidates {
+    let mut skipped = Vec::new();
+    let entries = directory_entries(directory, &mut skipped);
+    build(entries, &Default::default(), skipped)
+}
+
+/// Candidates from a static list, without any lookup. Each entry is a
+/// relay's client address `IP:PORT`, optionally followed by its probe
+/// address: `/PORT` (same host) or `/IP:PORT`; without it, the probe port
+/// is the next port (a relay's defaults: 4434 and 4435). Entries naming
+/// hosts, and malformed ones, are skipped with the reason.
+pub fn from_static(list: &[&str]) -> Candidates {
+    let mut skipped = Vec::new();
+    let entries = static_entries(list, &mut skipped);
+    build(entries, &Default::default(), skipped)
+}
+
 /// Resolver options: `deadline` bounds a whole discovery; each query gets a
 /// third of it per attempt, two attempts.
 fn options(deadline: Duration) -> ResolverOpts {
@@ -217,6 +458,65 @@ impl Discoverer {
         .build()
         .expect("a resolver with an explicit name server always builds");
         Discoverer { resolver, deadline }
+    }
+
+    /// Candidates from a relay's directory, like [`from_directory`], with
+    /// host names looked up (A/AAAA, first address) through this
+    /// discoverer's name servers. All lookups together end by the deadline;
+    /// a name that fails or does not answer in time is skipped with the
+    /// reason, the others are kept.
+    pub async fn from_directory(&self, directory: &Directory) -> Candidates {
+        let mut skipped = Vec::new();
+        let entries = directory_entries(directory, &mut skipped);
+        let resolved = self.resolve_names(names(&entries)).await;
+        build(entries, &resolved, skipped)
+    }
+
+    /// Candidates from a static list, like [`from_static`], with host names
+    /// looked up as [`Discoverer::from_directory`] does.
+    pub async fn from_static(&self, list: &[&str]) -> Candidates {
+        let mut skipped = Vec::new();
+        let entries = static_entries(list, &mut skipped);
+        let resolved = self.resolve_names(names(&entries)).await;
+        build(entries, &resolved, skipped)
+    }
+
+    async fn resolve_names(
+        &self,
+        names: Vec<String>,
+    ) -> std::collections::HashMap<String, Result<IpAddr, String>> {
+        let mut lookups = JoinSet::new();
+        for name in names.iter().cloned() {
+            let resolver = self.resolver.clone();
+            let deadline = self.deadline;
+            lookups.spawn(async move {
+                // Fully qualified: no search domains.
+                let fqdn = format!("{name}.");
+                let result = match tokio::time::timeout(deadline, resolver.lookup_ip(fqdn)).await {
+                    Ok(Ok(ips)) => ips.iter().next().ok_or_else(|| "no address".to_string()),
+                    Ok(Err(e)) => Err(classify(&name, deadline, e).to_string()),
+                    Err(_) => Err(format!("no address within {deadline:?}")),
+                };
+                (name, result)
+            });
+        }
+        let mut resolved: std::collections::HashMap<String, Result<IpAddr, String>> = names
+            .into_iter()
+            .map(|n| {
+                let e = Err(format!("no address within {:?}", self.deadline));
+                (n, e)
+            })
+            .collect();
+        let collect = async {
+            while let Some(joined) = lookups.join_next().await {
+                if let Ok((name, result)) = joined {
+                    resolved.insert(name, result);
+                }
+            }
+        };
+        // Each lookup has its own timeout; this bounds the whole set too.
+        let _ = tokio::time::timeout(self.deadline + Duration::from_millis(100), collect).await;
+        resolved
     }
 
     /// The relays published for `domain` (under `_statecast._udp.DOMAIN`).

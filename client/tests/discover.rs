@@ -1,5 +1,8 @@
-//! Discovery against a real DNS server: an authoritative zone served by
-//! hickory-server on a loopback port, in-process.
+//! Discovery against real DNS servers: an authoritative zone served by
+//! hickory-server on a loopback port, in-process; and the same zone served
+//! by a dnsmasq process (skipped when dnsmasq is not installed, except under
+//! `CI=true`, where that fails). Also the other sources of candidates: a
+//! relay's directory (sent to a real session) and static lists.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -119,6 +122,13 @@ fn zone() -> Vec<Record> {
 #[tokio::test]
 async fn finds_relays_with_their_probe_ports_regions_and_ttl() {
     let (dns, _server) = serve(zone()).await;
+    check_zone(dns).await;
+}
+
+/// What every server of [`zone`] must give: the usable relays in order
+/// with their addresses, TXT data and SRV fields, the unusable ones with
+/// their reasons, and an answer that expires with the shortest TTL (7 s).
+async fn check_zone(dns: SocketAddr) {
     let discoverer = Discoverer::with_server(dns, Duration::from_secs(5));
     let before = Instant::now();
     let found = discoverer.discover("zone.test").await.unwrap();
@@ -170,6 +180,12 @@ async fn finds_relays_with_their_probe_ports_regions_and_ttl() {
 #[tokio::test]
 async fn missing_names_and_records_are_told_apart() {
     let (dns, _server) = serve(zone()).await;
+    check_missing(dns).await;
+}
+
+/// No such name, no SRV records, no usable relay, a bad name: each its own
+/// error.
+async fn check_missing(dns: SocketAddr) {
     let discoverer = Discoverer::with_server(dns, Duration::from_secs(5));
     match discoverer.discover("nothing.zone.test").await {
         Err(DiscoverError::NoSuchName { name }) => {
@@ -250,4 +266,159 @@ async fn answers_are_cached_for_their_ttl_and_refreshed_after() {
     tokio::time::sleep_until((first.valid_until + Duration::from_millis(50)).into()).await;
     let fresh = discoverer.discover("zone.test").await.unwrap();
     assert_eq!(fresh.relays.len(), 2, "{:?}", fresh.relays);
+}
+
+// ---------------------------------------------------------------------------
+// The same zone served by dnsmasq.
+
+/// A dnsmasq process serving [`zone`] on a loopback port; killed on drop.
+struct Dnsmasq {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// [`zone`] as dnsmasq configuration lines (a file rather than flags:
+/// only the file parser unquotes a TXT string holding commas). dnsmasq has
+/// one TTL for all its local records, set to 7 s, the shortest TTL of the
+/// hickory-server zone, so that the same expiry check holds.
+fn dnsmasq_zone() -> Vec<String> {
+    let srv = |domain: &str, target: &str, port: u16, priority: u16, weight: u16| {
+        format!("srv-host={SERVICE}.{domain},{target},{port},{priority},{weight}")
+    };
+    let mut args = vec![
+        srv("zone.test", "relay1.zone.test", 4434, 10, 50),
+        srv("zone.test", "relay2.zone.test", 5434, 10, 80),
+        srv("zone.test", "relay3.zone.test", 6434, 20, 50),
+        srv("zone.test", "old.zone.test", 7434, 10, 10),
+        srv("zone.test", "noprobe.zone.test", 8434, 10, 10),
+        srv("broken.zone.test", "noprobe.zone.test", 4434, 10, 10),
+        // Three strings.
+        "txt-record=relay1.zone.test,region=eu-west,probe=4435,v=1".into(),
+        // One string (quoted: it holds commas).
+        r#"txt-record=relay2.zone.test,"region=us-east probe=5435 coords=1.5,-2,0.25""#.into(),
+        "txt-record=relay3.zone.test,probe=6435".into(),
+        "txt-record=old.zone.test,region=eu-west probe=7435 v=99".into(),
+        "txt-record=noprobe.zone.test,region=eu-west".into(),
+        format!("txt-record={SERVICE}.empty.zone.test,nothing here"),
+    ];
+    for (host, last) in [
+        ("relay1", 2),
+        ("relay2", 3),
+        ("relay3", 4),
+        ("old", 5),
+        ("noprobe", 6),
+    ] {
+        args.push(format!("host-record={host}.zone.test,127.0.0.{last}"));
+    }
+    args
+}
+
+/// Whether a dnsmasq test must run: under `CI=true` a missing dnsmasq is a
+/// failure, elsewhere a skip with a note.
+fn dnsmasq_binary() -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join("dnsmasq"))
+        .find(|path| path.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "dnsmasq is not installed, and CI must run this test \
+             (Debian package dnsmasq-base; scripts/test.sh installs it)"
+        );
+        eprintln!("skipped: dnsmasq is not installed (Debian package dnsmasq-base)");
+    }
+    found
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq on a free loopback port and waits (up to 10 s) until
+    /// it answers for the zone.
+    async fn start(binary: &std::path::Path) -> Dnsmasq {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("zone.conf");
+        std::fs::write(&conf, dnsmasq_zone().join("\n") + "\n").unwrap();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // A port that was free a moment ago; if dnsmasq loses a race
+            // for it, it exits and the next attempt takes another.
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = std::process::Command::new(binary)
+                .args([
+                    "--keep-in-foreground",
+                    // Only this file: not /etc/dnsmasq.conf.
+                    "--pid-file=",
+                    "--user=root",
+                    "--listen-address=127.0.0.1",
+                    "--bind-interfaces",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--local=/zone.test/",
+                    "--local-ttl=7",
+                    "--log-facility=-",
+                ])
+                .arg(format!("--port={port}"))
+                .arg(format!("--conf-file={}", conf.display()))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("dnsmasq starts");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let probe = Discoverer::with_server(addr, Duration::from_millis(300));
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    let mut err = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        use std::io::Read;
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    assert!(
+                        attempt < 5 && Instant::now() < deadline,
+                        "dnsmasq exited ({status}): {err}"
+                    );
+                    break;
+                }
+                if probe.discover("zone.test").await.is_ok() {
+                    // Stderr is not read any more: let it go nowhere.
+                    drop(child.stderr.take());
+                    return Dnsmasq {
+                        child,
+                        addr,
+                        _dir: dir,
+                    };
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    panic!("dnsmasq did not answer on {addr} within 10 s");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn dnsmasq_serves_the_same_discovery() {
+    let Some(binary) = dnsmasq_binary() else {
+        return;
+    };
+    let dnsmasq = Dnsmasq::start(&binary).await;
+    check_zone(dnsmasq.addr).await;
+    check_missing(dnsmasq.addr).await;
 }

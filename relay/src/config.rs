@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 /// Everything a relay needs to run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,6 +59,167 @@ pub struct Config {
     pub ca: Option<PathBuf>,
     /// Data directory of the development CA.
     pub data_dir: Option<PathBuf>,
+    /// Other relays of the network, sent to every client in a directory
+    /// message right after the welcome (with this relay's own entry and its
+    /// current load). Empty: no directory is sent. An entry with this
+    /// relay's own id gives the addresses clients should use for it
+    /// (useful when `listen` is a wildcard address). In TOML, `[[directory]]`
+    /// tables.
+    pub directory: Vec<Peer>,
+}
+
+/// Another relay, as this relay tells clients about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Its relay id.
+    pub id: String,
+    /// Its QUIC client address, `host:port` (an IP address, or a name the
+    /// client resolves).
+    pub addr: String,
+    /// Its UDP probe address, `host:port`.
+    pub probe_addr: String,
+    /// Its region (may be empty: unknown).
+    #[serde(default)]
+    pub region: String,
+    /// Its network coordinates `[x, y, height]` in milliseconds, if known.
+    #[serde(default)]
+    pub coords: Option<[f32; 3]>,
+}
+
+impl Peer {
+    /// Checks what the wire and clients would refuse: field lengths, a
+    /// port in both addresses, finite coordinates.
+    pub fn check(&self) -> Result<(), String> {
+        use proto::msg::{MAX_ADDR_LEN, MAX_REGION_LEN, MAX_RELAY_ID_LEN};
+        if self.id.is_empty() || self.id.len() > MAX_RELAY_ID_LEN {
+            return Err(format!(
+                "peer id must be 1 to {MAX_RELAY_ID_LEN} bytes, not {:?}",
+                self.id
+            ));
+        }
+        for (what, addr) in [("addr", &self.addr), ("probe_addr", &self.probe_addr)] {
+            if addr.len() > MAX_ADDR_LEN {
+                return Err(format!(
+                    "peer {}: {what} is longer than {MAX_ADDR_LEN} bytes",
+                    self.id
+                ));
+            }
+            let port = addr
+                .rsplit_once(':')
+                .filter(|(host, _)| !host.is_empty())
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .filter(|port| *port != 0);
+            if port.is_none() {
+                return Err(format!(
+                    "peer {}: {what} must be host:port with a port from 1 to 65535, not {addr:?}",
+                    self.id
+                ));
+            }
+        }
+        if self.region.len() > MAX_REGION_LEN {
+            return Err(format!(
+                "peer {}: region is longer than {MAX_REGION_LEN} bytes",
+                self.id
+            ));
+        }
+        if let Some(c) = self.coords
+            && !c.iter().all(|v| v.is_finite())
+        {
+            return Err(format!("peer {}: coordinates must be finite", self.id));
+        }
+        Ok(())
+    }
+}
+
+/// `id=ID,addr=HOST:PORT,probe=HOST:PORT[,region=NAME][,coords=X,Y,H]`, the
+/// form of `statecast relay --peer` (`probe_addr=` is accepted for
+/// `probe=`). The entry is [checked](Peer::check).
+impl FromStr for Peer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Peer, String> {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some((key, value)) => pairs.push((key.trim().to_owned(), value.trim().to_owned())),
+                // `coords=1,2,3`: the values after the first belong to it.
+                None => match pairs.last_mut() {
+                    Some((key, value)) if key == "coords" => {
+                        value.push(',');
+                        value.push_str(part.trim());
+                    }
+                    _ => return Err(format!("expected key=value, not {part:?}")),
+                },
+            }
+        }
+        let (mut id, mut addr, mut probe_addr, mut region, mut coords) =
+            (None, None, None, String::new(), None);
+        for (key, value) in pairs {
+            match key.as_str() {
+                "id" => id = Some(value),
+                "addr" => addr = Some(value),
+                "probe" | "probe_addr" => probe_addr = Some(value),
+                "region" => region = value,
+                "coords" => {
+                    let parts: Vec<f32> = value
+                        .split(',')
+                        .map(|v| v.trim().parse::<f32>())
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| format!("bad coordinates {value:?}: expected X,Y,H"))?;
+                    match parts[..] {
+                        [x, y, h] => coords = Some([x, y, h]),
+                        _ => return Err(format!("bad coordinates {value:?}: expected X,Y,H")),
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown key {other:?} (id, addr, probe, region, coords)"
+                    ));
+                }
+            }
+        }
+        let missing = |what: &str| format!("{what}= is missing");
+        let peer = Peer {
+            id: id.ok_or_else(|| missing("id"))?,
+            addr: addr.ok_or_else(|| missing("addr"))?,
+            probe_addr: probe_addr.ok_or_else(|| missing("probe"))?,
+            region,
+            coords,
+        };
+        peer.check()?;
+        Ok(peer)
+    }
+}
+
+/// The `[[directory]]` tables of a TOML file on their own (what
+/// `statecast relay --directory FILE` reads).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryFile {
+    /// The peers.
+    #[serde(default)]
+    pub directory: Vec<Peer>,
+}
+
+/// Checks a directory: every entry, distinct ids, and few enough entries
+/// for one directory message (this relay's own entry included).
+pub fn check_directory(own_id: &str, peers: &[Peer]) -> Result<(), String> {
+    let mut ids = std::collections::HashSet::new();
+    for peer in peers {
+        peer.check()?;
+        if !ids.insert(peer.id.as_str()) {
+            return Err(format!("peer id {:?} is listed twice", peer.id));
+        }
+    }
+    let total = peers.len() + usize::from(!ids.contains(own_id));
+    if total > proto::msg::MAX_RELAYS {
+        return Err(format!(
+            "a directory holds at most {} relays (this one included), not {total}",
+            proto::msg::MAX_RELAYS
+        ));
+    }
+    Ok(())
 }
 
 fn default_listen() -> SocketAddr {
@@ -107,6 +269,7 @@ impl Default for Config {
             key: None,
             ca: None,
             data_dir: None,
+            directory: Vec::new(),
         }
     }
 }
@@ -133,5 +296,73 @@ mod tests {
         assert_eq!(c.probe, default_probe());
         let c = Config::from_toml("probe = \"127.0.0.1:0\"").unwrap();
         assert_eq!(c.probe, Some(SocketAddr::from(([127, 0, 0, 1], 0))));
+    }
+
+    #[test]
+    fn directory_entries_from_toml_and_flags() {
+        let c = Config::from_toml(
+            r#"
+                [[directory]]
+                id = "relay-us-1"
+                addr = "relay-us-1.example.net:4434"
+                probe_addr = "relay-us-1.example.net:4435"
+                region = "us-east"
+                coords = [1.5, -2.0, 0.25]
+
+                [[directory]]
+                id = "relay-ap-1"
+                addr = "10.0.0.3:4434"
+                probe_addr = "10.0.0.3:4435"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.directory.len(), 2);
+        assert_eq!(c.directory[0].coords, Some([1.5, -2.0, 0.25]));
+        assert_eq!(c.directory[1].region, "");
+        check_directory(&c.id, &c.directory).unwrap();
+        assert!(Config::from_toml("[[directory]]\nid = \"x\"\naddr = \"a:1\"").is_err());
+
+        let p: Peer = "id=relay-us-1,addr=relay-us-1.example.net:4434,probe=10.0.0.2:4435,\
+                       region=us-east,coords=1.5,-2,0.25"
+            .parse()
+            .unwrap();
+        assert_eq!(p, c.directory[0].clone().with_probe("10.0.0.2:4435"));
+        let p: Peer = "id=a,addr=[::1]:4434,probe_addr=[::1]:4435"
+            .parse()
+            .unwrap();
+        assert_eq!((p.region.as_str(), p.coords), ("", None));
+        for bad in [
+            "",
+            "id=a",
+            "id=a,addr=1.2.3.4:1",
+            "id=a,addr=1.2.3.4,probe=1.2.3.4:2",
+            "id=a,addr=1.2.3.4:0,probe=1.2.3.4:2",
+            "id=a,addr=:1,probe=1.2.3.4:2",
+            "id=,addr=1.2.3.4:1,probe=1.2.3.4:2",
+            "id=a,addr=1.2.3.4:1,probe=1.2.3.4:2,coords=1,2",
+            "id=a,addr=1.2.3.4:1,probe=1.2.3.4:2,coords=1,2,NaN",
+            "id=a,addr=1.2.3.4:1,probe=1.2.3.4:2,colour=red",
+            "id=a,addr=1.2.3.4:1,probe=1.2.3.4:2,oops",
+        ] {
+            assert!(bad.parse::<Peer>().is_err(), "{bad:?}");
+        }
+        let twice = vec![p.clone(), p.clone()];
+        assert!(check_directory("me", &twice).unwrap_err().contains("twice"));
+        let many: Vec<Peer> = (0..proto::msg::MAX_RELAYS)
+            .map(|i| Peer {
+                id: format!("r{i}"),
+                ..p.clone()
+            })
+            .collect();
+        // 256 peers and this relay make 257.
+        assert!(check_directory("me", &many).is_err());
+        assert!(check_directory("r0", &many).is_ok());
+    }
+
+    impl Peer {
+        fn with_probe(mut self, probe: &str) -> Peer {
+            self.probe_addr = probe.to_owned();
+            self
+        }
     }
 }

@@ -24,14 +24,15 @@
 //! ticks are skipped rather than queued, so the client gets the newest state
 //! next.
 
-use crate::config::Config;
+use crate::config::{self, Config, Peer};
 use crate::fanout::{ChunkCache, ClientView, Interest, TickState, WorldState};
 use crate::metrics::Metrics;
 use crate::probe;
 use bytes::Bytes;
 use proto::interest::Grid;
 use proto::msg::{
-    self, Error as ErrorMsg, Goaway, Hello, InputBatch, Message, SessionInput, VERSION, Welcome,
+    self, Directory, Error as ErrorMsg, Goaway, Hello, InputBatch, Message, RelayInfo,
+    SessionInput, VERSION, Welcome,
 };
 use proto::{ErrorCode, Layout};
 use std::collections::{HashMap, VecDeque};
@@ -129,6 +130,12 @@ struct Shared {
     draining: watch::Sender<bool>,
     readiness: Readiness,
     sessions: AtomicU64,
+    /// The peers told to clients ([`Config::directory`], then
+    /// [`RelayHandle::set_directory`]); sessions resend on a change.
+    directory: watch::Sender<Vec<Peer>>,
+    /// This relay's own directory entry addresses (client, probe), when
+    /// clients can use them: `None` when `listen` is a wildcard address.
+    own_addrs: Option<(String, String)>,
 }
 
 /// A running relay.
@@ -186,6 +193,21 @@ impl RelayHandle {
     pub fn clients(&self) -> i64 {
         self.shared.metrics.clients.get()
     }
+
+    /// Replaces the peers told to clients; every connected client gets the
+    /// new directory on its control stream. Refused (nothing changes) when
+    /// [`config::check_directory`] fails.
+    pub fn set_directory(&self, peers: Vec<Peer>) -> Result<(), String> {
+        config::check_directory(&self.shared.config.id, &peers)?;
+        self.shared.directory.send_replace(peers);
+        Ok(())
+    }
+
+    /// The directory a client connecting now would get (`None`: no peers
+    /// configured, none is sent).
+    pub fn directory(&self) -> Option<Directory> {
+        directory(&self.shared)
+    }
 }
 
 fn now_us() -> u64 {
@@ -242,6 +264,37 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         None => None,
     };
     let probe_addr = probe_socket.as_ref().and_then(|s| s.local_addr().ok());
+    // A bad directory is refused by the command line; here, a bad entry is
+    // dropped rather than stopping the relay.
+    let peers: Vec<Peer> = config
+        .directory
+        .iter()
+        .filter(|peer| match peer.check() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "directory entry left out");
+                false
+            }
+        })
+        .take(msg::MAX_RELAYS - 1)
+        .cloned()
+        .collect();
+    let own_addrs = if client_addr.ip().is_unspecified() {
+        if !peers.is_empty() && !peers.iter().any(|p| p.id == config.id) {
+            warn!(
+                listen = %client_addr,
+                "the directory leaves this relay out: listen is a wildcard address; \
+                 list this relay's id in the directory with the address clients should use"
+            );
+        }
+        None
+    } else {
+        Some((
+            client_addr.to_string(),
+            probe_addr.map(|a| a.to_string()).unwrap_or_default(),
+        ))
+    };
+    let (directory, _) = watch::channel(peers);
 
     let metrics = Metrics::new();
     let readiness = Readiness::new();
@@ -254,6 +307,8 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         draining,
         readiness: readiness.clone(),
         sessions: AtomicU64::new(0),
+        directory,
+        own_addrs,
     });
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -382,20 +437,76 @@ fn probe_info(shared: Arc<Shared>) -> impl Fn() -> probe::Info + Send + 'static 
             origin_rtt_us.store(rtt, Ordering::Relaxed);
         }
         let rtt = origin_rtt_us.load(Ordering::Relaxed);
-        let load = if *shared.draining.borrow() {
-            u16::MAX
-        } else {
-            let clients = shared.metrics.clients.get().max(0) as u64;
-            (clients * 1000 / shared.config.max_clients.max(1) as u64).min(u16::MAX.into()) as u16
-        };
         probe::Info {
             relay_id: shared.config.id.clone(),
             region: shared.config.region.clone(),
-            load,
+            load: current_load(&shared),
             origin_rtt: (rtt != u64::MAX).then(|| Duration::from_micros(rtt)),
             coords: None,
         }
     }
+}
+
+/// This relay's load as probes report it: clients over `max_clients`, in
+/// permille (`u16::MAX` while draining, so that clients look elsewhere).
+fn current_load(shared: &Shared) -> u16 {
+    if *shared.draining.borrow() {
+        u16::MAX
+    } else {
+        let clients = shared.metrics.clients.get().max(0) as u64;
+        (clients * 1000 / shared.config.max_clients.max(1) as u64).min(u16::MAX.into()) as u16
+    }
+}
+
+/// The directory clients get: this relay first (its current load, and the
+/// addresses of its own entry in the directory if it has one, else the
+/// bound ones), then its peers (load 0: unknown, clients probe them).
+/// `None` when no peers are configured.
+fn directory(shared: &Shared) -> Option<Directory> {
+    let peers = shared.directory.borrow();
+    if peers.is_empty() {
+        return None;
+    }
+    let config = &shared.config;
+    let info = |p: &Peer, load: u16| RelayInfo {
+        id: p.id.clone(),
+        addr: p.addr.clone(),
+        probe_addr: p.probe_addr.clone(),
+        region: p.region.clone(),
+        load,
+        coords: p.coords,
+    };
+    let mut relays = Vec::with_capacity(peers.len() + 1);
+    match peers.iter().find(|p| p.id == config.id) {
+        Some(own) => relays.push(RelayInfo {
+            region: if own.region.is_empty() {
+                config.region.clone()
+            } else {
+                own.region.clone()
+            },
+            ..info(own, current_load(shared))
+        }),
+        None => {
+            if let Some((addr, probe_addr)) = &shared.own_addrs {
+                relays.push(RelayInfo {
+                    id: config.id.clone(),
+                    addr: addr.clone(),
+                    probe_addr: probe_addr.clone(),
+                    region: config.region.clone(),
+                    load: current_load(shared),
+                    coords: None,
+                });
+            }
+        }
+    }
+    relays.extend(
+        peers
+            .iter()
+            .filter(|p| p.id != config.id)
+            .map(|p| info(p, 0)),
+    );
+    relays.truncate(msg::MAX_RELAYS);
+    Some(Directory { relays })
 }
 
 /// Runs a relay until `shutdown` resolves, then drains it.
@@ -880,6 +991,16 @@ async fn session(
         .send(&welcome)
         .await
         .map_err(|e| End::new(ErrorCode::Normal, "closed", e.to_string()))?;
+    // Subscribed before the first directory goes, so that no change is
+    // missed between the two.
+    let mut peers = shared.directory.subscribe();
+    peers.mark_unchanged();
+    if let Some(directory) = directory(shared) {
+        control
+            .send(&Message::Directory(directory))
+            .await
+            .map_err(|e| End::new(ErrorCode::Normal, "closed", e.to_string()))?;
+    }
 
     world.clients.fetch_add(1, Ordering::Relaxed);
     shared.metrics.clients.inc();
@@ -893,7 +1014,7 @@ async fn session(
         r = sender(shared, conn, &world, &view) => r,
         r = datagrams(shared, conn, &world, &view, session_id, rate) => r,
         r = control_loop(&mut inbox, &view) => r,
-        r = goaway_on_drain(shared, &mut control) => r,
+        r = control_sender(shared, &mut control, peers) => r,
     };
     world.clients.fetch_sub(1, Ordering::Relaxed);
     shared.metrics.clients.dec();
@@ -901,9 +1022,36 @@ async fn session(
     result
 }
 
-async fn goaway_on_drain(shared: &Arc<Shared>, control: &mut FramedSend) -> Result<(), End> {
+/// What the relay sends on a client's control stream after the welcome and
+/// the first directory: a new directory when the peers change, and a goaway
+/// when the relay drains (then nothing more).
+async fn control_sender(
+    shared: &Arc<Shared>,
+    control: &mut FramedSend,
+    mut peers: watch::Receiver<Vec<Peer>>,
+) -> Result<(), End> {
     let mut draining = shared.draining.subscribe();
-    let _ = draining.wait_for(|d| *d).await;
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            // The Ref the wait returns is not Send: drop it inside.
+            () = async { let _ = draining.wait_for(|d| *d).await; } => break,
+            changed = peers.changed(), if watching => {
+                if changed.is_err() {
+                    // The relay is stopping: only a drain is left to report.
+                    watching = false;
+                    continue;
+                }
+                peers.mark_unchanged();
+                if let Some(directory) = directory(shared) {
+                    control
+                        .send(&Message::Directory(directory))
+                        .await
+                        .map_err(|e| End::new(ErrorCode::Normal, "closed", e.to_string()))?;
+                }
+            }
+        }
+    }
     let goaway = Message::Goaway(Goaway {
         reason: "relay draining".into(),
         redirect: None,
