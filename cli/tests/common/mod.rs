@@ -174,7 +174,7 @@ impl Proc {
 }
 
 impl Drop for Proc {
-    pub fn drop(&mut self) {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
