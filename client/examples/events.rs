@@ -137,6 +137,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
             SessionEvent::Goaway(goaway) => {
                 println!("the relay is draining: {}", goaway.reason)
             }
+            SessionEvent::Directory(directory) => {
+                println!("the relay knows {} relays", directory.relays.len())
+            }
             SessionEvent::Closed { reason, .. } => {
                 println!("session closed: {reason}");
                 break;

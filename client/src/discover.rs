@@ -344,7 +344,7 @@ fn build(
                 Some(Err(e)) => Err(format!("{name}: {e}")),
                 None => Err(format!(
                     "{name} is a host name: it needs a DNS lookup \
-                     (Discoverer::from_directory resolves names)"
+                     (a Discoverer resolves names)"
                 )),
             },
         }

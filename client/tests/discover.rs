@@ -422,3 +422,252 @@ async fn dnsmasq_serves_the_same_discovery() {
     check_zone(dnsmasq.addr).await;
     check_missing(dnsmasq.addr).await;
 }
+
+// ---------------------------------------------------------------------------
+// A relay's directory, through a real session, and static lists.
+
+use proto::msg::{Directory, RelayInfo};
+use statecast_client::discover::{Candidates, from_directory, from_static};
+use statecast_client::session::{self, Session, SessionEvent};
+
+fn peer(id: &str, addr: &str, probe_addr: &str, region: &str) -> relay::config::Peer {
+    relay::config::Peer {
+        id: id.into(),
+        addr: addr.into(),
+        probe_addr: probe_addr.into(),
+        region: region.into(),
+        coords: None,
+    }
+}
+
+/// The next directory the session reports, within 10 s.
+async fn next_directory(session: &mut Session) -> Directory {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match session.next_event().await.expect("the session goes on") {
+                SessionEvent::Directory(directory) => return directory,
+                SessionEvent::Closed { reason, .. } => panic!("closed: {reason}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a directory within 10 s")
+}
+
+fn reasons(c: &Candidates) -> Vec<(String, String)> {
+    let mut r: Vec<_> = c
+        .skipped
+        .iter()
+        .map(|s| (s.host.clone(), s.reason.clone()))
+        .collect();
+    r.sort();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relays_directory_reaches_the_session_and_becomes_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut origin_config = origin::Config {
+        world: "plaza".into(),
+        avatars: Some(4),
+        listen: local,
+        admin: local,
+        ..origin::Config::default()
+    };
+    origin_config.tls.data_dir = Some(dir.path().to_path_buf());
+    let origin = origin::start(origin_config).await.expect("origin starts");
+    let relay = relay::start(relay::Config {
+        id: "relay-eu-1".into(),
+        region: "eu-west".into(),
+        listen: local,
+        admin: local,
+        probe: Some(local),
+        upstream: origin.upstream_addr,
+        data_dir: Some(dir.path().to_path_buf()),
+        directory: vec![
+            peer("relay-us-1", "127.0.0.3:5434", "127.0.0.3:5435", "us-east"),
+            // A name: resolved through DNS, or skipped without it.
+            peer(
+                "relay-ap-1",
+                "relay1.zone.test:6434",
+                "relay1.zone.test:6435",
+                "ap-south",
+            ),
+        ],
+        ..relay::Config::default()
+    })
+    .await
+    .expect("relay starts");
+    let trust = transport::Trust::dev(dir.path());
+    let tls = tokio::task::spawn_blocking(move || trust.load())
+        .await
+        .unwrap()
+        .unwrap();
+    let endpoint = session::endpoint(&tls, local).unwrap();
+    let mut session = Session::connect(&endpoint, session::Config::new(relay.client_addr, "plaza"))
+        .await
+        .expect("the session opens");
+
+    // Right after the welcome: the relay itself first, with its bound
+    // addresses and load, then its peers.
+    let directory = next_directory(&mut session).await;
+    let ids: Vec<&str> = directory.relays.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["relay-eu-1", "relay-us-1", "relay-ap-1"]);
+    let own = &directory.relays[0];
+    assert_eq!(own.addr, relay.client_addr.to_string());
+    assert_eq!(own.probe_addr, relay.probe_addr.unwrap().to_string());
+    assert_eq!(own.region, "eu-west");
+    assert!(own.load < 1000, "{own:?}");
+
+    // Without DNS: the literal addresses only, the name skipped.
+    let found = from_directory(&directory);
+    let probes: Vec<SocketAddr> = found.candidates.iter().map(|c| c.addr).collect();
+    assert_eq!(
+        probes,
+        [relay.probe_addr.unwrap(), "127.0.0.3:5435".parse().unwrap()]
+    );
+    assert_eq!(found.candidates[0].connect, relay.client_addr);
+    assert_eq!(found.candidates[1].region.as_deref(), Some("us-east"));
+    let skipped = reasons(&found);
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].0, "relay-ap-1");
+    assert!(skipped[0].1.contains("DNS lookup"), "{skipped:?}");
+
+    // With DNS (the hickory-server zone): the name resolves too.
+    let (dns, _server) = serve(zone()).await;
+    let discoverer = Discoverer::with_server(dns, Duration::from_secs(2));
+    let found = discoverer.from_directory(&directory).await;
+    assert!(found.skipped.is_empty(), "{:?}", found.skipped);
+    let ap = &found.candidates[2];
+    assert_eq!(ap.addr, "127.0.0.2:6435".parse().unwrap());
+    assert_eq!(ap.connect, "127.0.0.2:6434".parse().unwrap());
+    assert_eq!(ap.region.as_deref(), Some("ap-south"));
+
+    // A change reaches connected clients.
+    relay
+        .set_directory(vec![peer(
+            "relay-us-2",
+            "127.0.0.4:5434",
+            "127.0.0.4:5435",
+            "",
+        )])
+        .unwrap();
+    let directory = next_directory(&mut session).await;
+    let ids: Vec<&str> = directory.relays.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["relay-eu-1", "relay-us-2"]);
+    assert!(
+        relay
+            .set_directory(vec![peer("x", "nowhere", "127.0.0.4:5435", "")])
+            .is_err()
+    );
+
+    session.close().await;
+    endpoint.wait_idle().await;
+    relay.shutdown().await;
+    drop(origin);
+}
+
+#[tokio::test]
+async fn malformed_directory_entries_are_skipped_with_reasons() {
+    let info = |id: &str, addr: &str, probe: &str| RelayInfo {
+        id: id.into(),
+        addr: addr.into(),
+        probe_addr: probe.into(),
+        region: String::new(),
+        load: 0,
+        coords: None,
+    };
+    let directory = Directory {
+        relays: vec![
+            info("good", "127.0.0.2:4434", "127.0.0.2:4435"),
+            info("v6", "[::1]:4434", "[::1]:4435"),
+            info("no-probe", "127.0.0.2:4434", ""),
+            info("no-port", "127.0.0.2", "127.0.0.2:4435"),
+            info("port-0", "127.0.0.2:0", "127.0.0.2:4435"),
+            info("junk", "not an address:1", "127.0.0.2:4435"),
+            info("twice", "127.0.0.9:4434", "127.0.0.2:4435"),
+            info("nxdomain", "nothing.zone.test:1", "nothing.zone.test:2"),
+        ],
+    };
+    let found = from_directory(&directory);
+    let probes: Vec<String> = found
+        .candidates
+        .iter()
+        .map(|c| c.addr.to_string())
+        .collect();
+    assert_eq!(probes, ["127.0.0.2:4435", "[::1]:4435"]);
+    let skipped = reasons(&found);
+    let reason = |id: &str| {
+        skipped
+            .iter()
+            .find(|(h, _)| h == id)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| panic!("{id} not skipped: {skipped:?}"))
+    };
+    assert!(reason("no-probe").contains("no probe address"));
+    assert!(reason("no-port").contains("host:port") || reason("no-port").contains("port"));
+    assert!(reason("port-0").contains("port 0"));
+    assert!(reason("junk").contains("neither an IP address nor a host name"));
+    assert!(reason("twice").contains("listed twice"));
+    assert!(reason("nxdomain").contains("DNS lookup"));
+    assert_eq!(skipped.len(), 6, "{skipped:?}");
+
+    // Through DNS, the missing name is told as such; by the deadline even
+    // when the server never answers.
+    let (dns, _server) = serve(zone()).await;
+    let found = Discoverer::with_server(dns, Duration::from_secs(2))
+        .from_directory(&directory)
+        .await;
+    let skipped = reasons(&found);
+    let nx = skipped.iter().find(|(h, _)| h == "nxdomain").unwrap();
+    assert!(nx.1.contains("no such name"), "{nx:?}");
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let deadline = Duration::from_millis(500);
+    let start = Instant::now();
+    let found = Discoverer::with_server(silent.local_addr().unwrap(), deadline)
+        .from_directory(&directory)
+        .await;
+    assert!(start.elapsed() < deadline + Duration::from_secs(1));
+    assert_eq!(found.candidates.len(), 2);
+    let nx = reasons(&found)
+        .into_iter()
+        .find(|(h, _)| h == "nxdomain")
+        .unwrap();
+    assert!(
+        nx.1.contains("timed out") || nx.1.contains("within"),
+        "{nx:?}"
+    );
+}
+
+#[test]
+fn static_lists_give_connect_and_probe_addresses() {
+    let found = from_static(&[
+        "127.0.0.2:4434",
+        "127.0.0.3:5434/5999",
+        "127.0.0.4:6434/127.0.0.5:6435",
+        " ",
+        "127.0.0.6:65535",
+        "relay.example:4434",
+        "127.0.0.7:1/0",
+    ]);
+    let pairs: Vec<(String, String)> = found
+        .candidates
+        .iter()
+        .map(|c| (c.connect.to_string(), c.addr.to_string()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("127.0.0.2:4434".into(), "127.0.0.2:4435".into()),
+            ("127.0.0.3:5434".into(), "127.0.0.3:5999".into()),
+            ("127.0.0.4:6434".into(), "127.0.0.5:6435".into()),
+        ]
+    );
+    let skipped = reasons(&found);
+    assert_eq!(skipped.len(), 3, "{skipped:?}");
+    assert!(skipped[0].1.contains("no port after 65535"), "{skipped:?}");
+    assert!(skipped[1].1.contains("probe port 0"), "{skipped:?}");
+    assert!(skipped[2].1.contains("DNS lookup"), "{skipped:?}");
+}

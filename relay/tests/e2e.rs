@@ -246,7 +246,11 @@ async fn drive(
                         hashes.insert(tick, state.hash());
                     }
                 }
-                Ok(SessionEvent::Divergence { .. } | SessionEvent::Goaway(_)) => {}
+                Ok(
+                    SessionEvent::Divergence { .. }
+                    | SessionEvent::Goaway(_)
+                    | SessionEvent::Directory(_),
+                ) => {}
                 Ok(SessionEvent::Closed { reason, .. }) => {
                     ended = Some(format!("closed: {reason}"));
                     break;
