@@ -184,3 +184,67 @@ fn sigterm_drains_the_relay() {
     assert!(staying.log().contains("the relay is draining"));
     check_verified(&summary, 5);
 }
+
+#[test]
+fn a_client_with_several_relays_fails_over_and_resumes() {
+    let data = scratch("failover");
+    let (_origin, upstream, _) = origin(&data);
+    let mut relays = [
+        relay(&data, upstream, "127.0.0.1:0", &["--region", "one"]),
+        relay(&data, upstream, "127.0.0.1:0", &["--region", "two"]),
+    ];
+    let list = relays
+        .iter()
+        .map(|r| format!("{}/{}", r.clients, r.probe.port()))
+        .collect::<Vec<_>>()
+        .join(",");
+    // A client fixed on each relay, so both hold the world: the roaming
+    // client can then resume from its last tick wherever it goes.
+    let _keepers: Vec<Proc> = relays
+        .iter()
+        .map(|r| client(&data, r.clients, &["--duration", "30"]))
+        .collect();
+    for r in &relays {
+        r.wait_serving(1, 5.0);
+    }
+    let mut client = Proc::spawn(
+        "client",
+        &data,
+        &["client", "--relays", &list, "--duration", "6", "--json"],
+    );
+    // Both relays are on loopback: the client takes either. Wait until one
+    // serves it (two clients), then kill that one.
+    let start = std::time::Instant::now();
+    let serving = loop {
+        let busy = relays.iter().position(|r| {
+            let text = get(r.admin, "/metrics").1;
+            metric(&text, "statecast_relay_clients").unwrap_or(0.0) >= 2.0
+                && metric_sum(&text, "statecast_relay_updates_sent_total") >= 40.0
+        });
+        if let Some(i) = busy {
+            break i;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no relay served the client:\n{}",
+            client.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    relays[serving].proc.signal("KILL");
+    relays[serving].proc.wait_exit(DEADLINE);
+
+    let (status, _) = client.wait_exit(DEADLINE);
+    let summary = client.summary();
+    assert!(status.success(), "{status}: {summary:#}\n{}", client.log());
+    check_verified(&summary, 20);
+    let other = ["one", "two"][1 - serving];
+    assert_eq!(summary["region"], other, "{summary:#}");
+    assert_eq!(summary["relay_switches"], 1, "{summary:#}");
+    assert_eq!(summary["resumed_without_keyframe"], 1, "{summary:#}");
+    let gap = summary["longest_gap_ms"].as_f64().unwrap();
+    assert!(gap > 0.0 && gap < 5_000.0, "{summary:#}");
+    let moves = summary["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 1, "{summary:#}");
+    assert_eq!(moves[0]["reason"]["kind"], "lost", "{summary:#}");
+}
