@@ -9,7 +9,18 @@
 //! the selector ranks by. Progress goes to stderr. With `--json`, stdout
 //! is one JSON array of objects instead.
 //!
-//! The exit status is non-zero when no relay answered.
+//! The relays come from `--relays` (probe addresses), or from DNS with
+//! `--discover DOMAIN` (the `_statecast._udp.DOMAIN` SRV records and each
+//! relay's TXT record, through [`client::discover`]; `--dns-server ADDR`
+//! asks that server instead of the system's), which also gives each relay
+//! its published region.
+//!
+//! `--watch` keeps probing, one round after another with the same
+//! selector (so its hysteresis shows), and redraws the table after each
+//! round (on a terminal, in place); with `--json`, one JSON array per round,
+//! one per line. It runs until Ctrl-C, or for `--rounds N`.
+//!
+//! The exit status is non-zero when no relay answered (in the last round).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -18,6 +29,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use client::discover::Discoverer;
 use client::select::{Candidate, Config, Estimate, ScoreParts, Selector};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use proto::msg::{Message, VERSION};
@@ -36,6 +48,26 @@ pub struct Args {
         env = "STATECAST_RELAYS"
     )]
     pub relays: Vec<String>,
+    /// Find the relays in DNS instead: the `_statecast._udp.DOMAIN` SRV
+    /// records, with each relay's TXT record (probe port, region).
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "relays")]
+    pub discover: Option<String>,
+    /// The DNS server to ask with --discover, `IP:PORT` [default: the
+    /// system's resolvers].
+    #[arg(long, value_name = "ADDR", requires = "discover")]
+    pub dns_server: Option<SocketAddr>,
+    /// Milliseconds a DNS discovery may take in all.
+    #[arg(long, default_value_t = 5000, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub dns_timeout_ms: u64,
+    /// Keep probing in rounds and redraw the table after each (one JSON
+    /// array per round with --json), until Ctrl-C or --rounds.
+    #[arg(long)]
+    pub watch: bool,
+    /// With --watch: stop after this many rounds.
+    #[arg(long, value_name = "N", requires = "watch",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub rounds: Option<u64>,
     /// Pings per relay.
     #[arg(long, default_value_t = 5, env = "STATECAST_PROBE_COUNT",
           value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -129,12 +161,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    let rows = runtime.block_on(probe(&args))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+    let rows = if args.watch {
+        runtime.block_on(watch(&args))?
     } else {
-        print_table(&rows);
-    }
+        let rows = runtime.block_on(probe(&args))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            print_table(&rows);
+        }
+        rows
+    };
     if !rows.iter().any(|r| r.chosen) {
         bail!(
             "no relay answered ({} ping{} each)",
@@ -166,6 +203,54 @@ async fn resolve(relays: &[String]) -> anyhow::Result<Vec<(String, SocketAddr)>>
     Ok(out)
 }
 
+/// The relays to probe: (name shown, probe address, client address,
+/// region published in DNS).
+struct Target {
+    name: String,
+    probe: SocketAddr,
+    connect: SocketAddr,
+    region: Option<String>,
+}
+
+/// The relays of `--relays`, or of `--discover` (relays skipped by
+/// discovery are told on stderr).
+async fn targets(args: &Args) -> anyhow::Result<Vec<Target>> {
+    let Some(domain) = &args.discover else {
+        return Ok(resolve(&args.relays)
+            .await?
+            .into_iter()
+            .map(|(name, addr)| Target {
+                name,
+                probe: addr,
+                connect: addr,
+                region: None,
+            })
+            .collect());
+    };
+    let deadline = Duration::from_millis(args.dns_timeout_ms);
+    let discoverer = match args.dns_server {
+        Some(server) => Discoverer::with_server(server, deadline),
+        None => Discoverer::system(deadline)?,
+    };
+    let found = discoverer
+        .discover(domain)
+        .await
+        .with_context(|| format!("cannot discover the relays of {domain}"))?;
+    for skipped in &found.skipped {
+        eprintln!("skipped {}: {}", skipped.host, skipped.reason);
+    }
+    Ok(found
+        .relays
+        .into_iter()
+        .map(|r| Target {
+            name: format!("{}:{}", r.host, r.probe.port()),
+            probe: r.probe,
+            connect: r.connect,
+            region: r.region,
+        })
+        .collect())
+}
+
 /// A nonce seed nobody can guess from outside the process.
 fn random_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -177,12 +262,56 @@ fn random_seed() -> u64 {
     h.finish()
 }
 
-/// Probes and returns the rows, best first.
+/// Probes one round and returns the rows, best first.
 pub async fn probe(args: &Args) -> anyhow::Result<Vec<Row>> {
-    let relays = resolve(&args.relays).await?;
+    let mut last = Vec::new();
+    probe_rounds(args, Some(1), |_, rows| last = rows).await?;
+    Ok(last)
+}
+
+/// `--watch`: rounds until Ctrl-C or `--rounds`, each shown as it ends;
+/// returns the last round's rows.
+async fn watch(args: &Args) -> anyhow::Result<Vec<Row>> {
+    let terminal = std::io::stdout().is_terminal();
+    let mut last = Vec::new();
+    let rounds = probe_rounds(args, args.rounds, |round, rows| {
+        if args.json {
+            match serde_json::to_string(&rows) {
+                Ok(line) => println!("{line}"),
+                Err(e) => tracing::error!(error = %e, "cannot print the round as JSON"),
+            }
+        } else {
+            if terminal {
+                // Redraw in place: clear the screen, cursor home.
+                print!("\x1b[2J\x1b[H");
+            }
+            println!("round {round} (Ctrl-C stops)");
+            print_table(&rows);
+            println!();
+        }
+        last = rows;
+    });
+    tokio::select! {
+        result = rounds => result?,
+        _ = tokio::signal::ctrl_c() => eprintln!("interrupted"),
+    }
+    Ok(last)
+}
+
+/// Probes in rounds with one selector (`rounds`: how many; `None`: until
+/// cancelled), handing each round's rows, best first, to `on_round`.
+async fn probe_rounds(
+    args: &Args,
+    rounds: Option<u64>,
+    mut on_round: impl FnMut(u64, Vec<Row>),
+) -> anyhow::Result<()> {
+    let relays = targets(args).await?;
+    if relays.is_empty() {
+        bail!("no relays to probe");
+    }
     // One socket: IPv4 when every relay is, else dual-stack IPv6 (IPv4
     // relays reached through mapped addresses).
-    let v6 = relays.iter().any(|(_, a)| a.is_ipv6());
+    let v6 = relays.iter().any(|t| t.probe.is_ipv6());
     let bind: SocketAddr = if v6 {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -194,19 +323,30 @@ pub async fn probe(args: &Args) -> anyhow::Result<Vec<Row>> {
     let names: HashMap<SocketAddr, String> = relays
         .iter()
         .rev()
-        .map(|(name, addr)| (canonical(*addr), name.clone()))
+        .map(|t| (canonical(t.probe), t.name.clone()))
+        .collect();
+    let regions: HashMap<SocketAddr, String> = relays
+        .iter()
+        .filter_map(|t| Some((canonical(t.probe), t.region.clone()?)))
         .collect();
     let candidates = relays
         .iter()
-        .map(|(_, addr)| Candidate::new(*addr, *addr))
+        .map(|t| Candidate {
+            region: t.region.clone(),
+            ..Candidate::new(t.probe, t.connect)
+        })
         .collect();
     let interval = Duration::from_millis(args.interval_ms);
     let timeout = Duration::from_millis(args.timeout_ms);
+    // A round's pings, and the wait for the last pong.
+    let round = interval * args.count + timeout;
     let config = Config {
         probes_per_round: args.count,
         probe_interval: interval,
         probe_timeout: timeout,
-        reprobe_every: None,
+        // Watching: a round a second at most, back to back when a round
+        // takes longer.
+        reprobe_every: (rounds != Some(1)).then(|| round.max(Duration::from_secs(1))),
         max_probed: relays.len(),
         nonce_seed: random_seed(),
         ..Config::default()
@@ -214,13 +354,16 @@ pub async fn probe(args: &Args) -> anyhow::Result<Vec<Row>> {
     let start = Instant::now();
     let mut selector = Selector::new(config, candidates, start);
     let total = u64::from(args.count) * names.len() as u64;
-    let progress = Progress::new(names.len(), args, total);
-    // The round ends by itself (every ping answered or timed out); this
-    // bound only guards against a bug leaving the command hanging.
-    let deadline = start + interval * args.count + timeout + Duration::from_secs(2);
+    let mut progress = Progress::new(names.len(), args, total);
+    let mut round_start = start;
+    let (mut resolved_before, mut pongs_before, mut lost_before) = (0, 0, 0);
+    let mut shown = 0;
     let mut buf = vec![0u8; 2048];
     let mut out = Vec::with_capacity(proto::msg::PING_LEN);
     loop {
+        // Each round ends by itself (every ping answered or timed out);
+        // this bound only guards against a bug leaving the command hanging.
+        let deadline = round_start + round + Duration::from_secs(2).max(round);
         let now = Instant::now();
         selector.handle_timeout(now);
         while let Some((to, ping)) = selector.poll_transmit(now) {
@@ -235,13 +378,30 @@ pub async fn probe(args: &Args) -> anyhow::Result<Vec<Row>> {
             }
         }
         let stats = selector.stats();
-        progress.update(stats.pongs_matched + stats.pings_lost);
-        if selector.rounds_completed() >= 1 {
-            break;
+        let resolved = stats.pongs_matched + stats.pings_lost;
+        progress.update(resolved - resolved_before);
+        let completed = selector.rounds_completed();
+        if completed > shown {
+            shown = completed;
+            progress.finish(
+                stats.pongs_matched - pongs_before,
+                stats.pings_lost - lost_before,
+                round_start.elapsed(),
+            );
+            on_round(shown, rows(&selector, &names, &regions));
+            if rounds.is_some_and(|n| shown >= n) {
+                return Ok(());
+            }
+            round_start = Instant::now();
+            (resolved_before, pongs_before, lost_before) =
+                (resolved, stats.pongs_matched, stats.pings_lost);
+            progress = Progress::new(names.len(), args, total);
+            continue;
         }
         if now >= deadline {
             tracing::warn!("probing did not finish by its deadline");
-            break;
+            on_round(shown + 1, rows(&selector, &names, &regions));
+            return Ok(());
         }
         let wake = selector.poll_timeout().unwrap_or(deadline).min(deadline);
         tokio::select! {
@@ -256,9 +416,6 @@ pub async fn probe(args: &Args) -> anyhow::Result<Vec<Row>> {
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
         }
     }
-    let stats = selector.stats();
-    progress.finish(stats.pongs_matched, stats.pings_lost, start.elapsed());
-    Ok(rows(&selector, &names))
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -321,7 +478,11 @@ impl Progress {
 
 /// The rows, best first (the failover order), then relays that never
 /// answered in the order given.
-fn rows(selector: &Selector, names: &HashMap<SocketAddr, String>) -> Vec<Row> {
+fn rows(
+    selector: &Selector,
+    names: &HashMap<SocketAddr, String>,
+    regions: &HashMap<SocketAddr, String>,
+) -> Vec<Row> {
     let estimates = selector.estimates();
     let by_addr: HashMap<SocketAddr, &Estimate> = estimates.iter().map(|e| (e.addr, e)).collect();
     let chosen = selector.best();
@@ -355,7 +516,8 @@ fn rows(selector: &Selector, names: &HashMap<SocketAddr, String>) -> Vec<Row> {
             Row {
                 addr: names.get(addr).cloned().unwrap_or_else(|| addr.to_string()),
                 resolved: addr.to_string(),
-                region: e.region.clone(),
+                // What the relay says, else what DNS published.
+                region: e.region.clone().or_else(|| regions.get(addr).cloned()),
                 relay_id: e.relay_id.clone(),
                 rtt_min_ms: e.rtt_min.map(ms),
                 rtt_median_ms: e.rtt_median.map(ms),
@@ -533,6 +695,15 @@ mod tests {
         assert_eq!(a.relays, vec!["a.example:4435", "10.0.0.1:9"]);
         assert_eq!((a.count, a.interval_ms, a.json), (3, 20, true));
         assert!(parse(&["--count", "0"]).is_err());
+        let a = parse(&["--discover", "zone.test", "--dns-server", "127.0.0.1:53"]).unwrap();
+        assert_eq!(a.discover.as_deref(), Some("zone.test"));
+        assert_eq!(a.dns_server, Some("127.0.0.1:53".parse().unwrap()));
+        assert!(parse(&["--discover", "zone.test", "--relays", "127.0.0.1:1"]).is_err());
+        assert!(parse(&["--dns-server", "127.0.0.1:53"]).is_err());
+        let a = parse(&["--watch", "--rounds", "2", "--json"]).unwrap();
+        assert_eq!((a.watch, a.rounds), (true, Some(2)));
+        assert!(parse(&["--rounds", "2"]).is_err());
+        assert!(parse(&["--watch", "--rounds", "0"]).is_err());
         assert!(parse(&["--interval-ms", "0"]).is_err());
     }
 

@@ -9,6 +9,10 @@
 //! 127.0.0.1:4434, admin on 127.0.0.1:9434, upstream the local origin on
 //! 127.0.0.1:4433, the development CA.
 //!
+//! Other relays of the network (`[[directory]]` in the file, `--directory
+//! FILE`, or repeated `--peer` flags) are sent to every client right after
+//! the welcome, with this relay's own entry and load, as route candidates.
+//!
 //! Ctrl-C or SIGTERM drains: the relay stops accepting clients, sends every
 //! client a goaway, and exits once they have left or `drain_secs` has
 //! passed. A second signal during the drain stops at once.
@@ -18,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use relay::Config;
+use relay::config::{DirectoryFile, Peer, check_directory};
 
 use crate::origin_cmd::shutdown_signal;
 
@@ -105,6 +110,17 @@ pub struct Args {
         hide_env_values = true
     )]
     pub publish_auth: Option<String>,
+    /// Another relay of the network, told to clients in the directory
+    /// (repeatable): `id=ID,addr=HOST:PORT,probe=HOST:PORT[,region=NAME]
+    /// [,coords=X,Y,H]`. Given (or with --directory), the peers replace the
+    /// file's `[[directory]]` entries.
+    #[arg(long = "peer", value_name = "PEER")]
+    pub peers: Vec<Peer>,
+    /// A TOML file of `[[directory]]` tables (id, addr, probe_addr, region,
+    /// coords), replacing the configuration file's; --peer entries are
+    /// added to it.
+    #[arg(long, value_name = "FILE", env = "STATECAST_RELAY_DIRECTORY")]
+    pub directory: Option<PathBuf>,
 }
 
 impl Args {
@@ -115,6 +131,12 @@ impl Args {
             None => Config::default(),
         };
         self.apply(&mut config);
+        if let Some(path) = &self.directory {
+            let file: DirectoryFile = crate::origin_cmd::read_toml(path)
+                .with_context(|| format!("cannot read the directory {}", path.display()))?;
+            config.directory = file.directory;
+            config.directory.extend(self.peers.iter().cloned());
+        }
         validate(&config)
             .map_err(anyhow::Error::msg)
             .context("invalid relay configuration")?;
@@ -148,6 +170,10 @@ impl Args {
         set(&self.upstream_name, &mut config.upstream_name);
         set_opt(&self.upstream_auth, &mut config.upstream_auth);
         set_opt(&self.publish_auth, &mut config.publish_auth);
+        // Peers given replace the file's; --directory is read by `load`.
+        if !self.peers.is_empty() {
+            config.directory = self.peers.clone();
+        }
     }
 }
 
@@ -185,6 +211,7 @@ pub fn validate(config: &Config) -> Result<(), String> {
             config.cell_size
         ));
     }
+    check_directory(&config.id, &config.directory).map_err(|e| format!("directory: {e}"))?;
     if config.max_clients == 0 {
         return Err("max_clients must be at least 1".to_owned());
     }
@@ -357,6 +384,48 @@ mod tests {
     }
 
     #[test]
+    fn peers_come_from_the_file_a_directory_file_or_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("relay.toml");
+        std::fs::write(
+            &config,
+            "[[directory]]\nid = \"from-config\"\naddr = \"10.0.0.1:4434\"\n\
+             probe_addr = \"10.0.0.1:4435\"\n",
+        )
+        .unwrap();
+        let peers = dir.path().join("peers.toml");
+        std::fs::write(
+            &peers,
+            "[[directory]]\nid = \"from-file\"\naddr = \"relay.example:4434\"\n\
+             probe_addr = \"relay.example:4435\"\nregion = \"us-east\"\ncoords = [1.0, 2.0, 0.5]\n",
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        let ids = |flags: &[&str]| -> Vec<String> {
+            let c = relay_args(flags).load().unwrap();
+            c.directory.into_iter().map(|p| p.id).collect()
+        };
+        assert_eq!(ids(&["--config", config]), ["from-config"]);
+        let peer = "id=from-flag,addr=10.0.0.2:4434,probe=10.0.0.2:4435,coords=1,2,3";
+        assert_eq!(ids(&["--config", config, "--peer", peer]), ["from-flag"]);
+        let file = peers.to_str().unwrap();
+        assert_eq!(
+            ids(&["--config", config, "--directory", file]),
+            ["from-file"]
+        );
+        assert_eq!(
+            ids(&["--directory", file, "--peer", peer]),
+            ["from-file", "from-flag"]
+        );
+        let c = relay_args(&["--peer", peer]).load().unwrap();
+        assert_eq!(c.directory[0].coords, Some([1.0, 2.0, 3.0]));
+        let missing = relay_args(&["--directory", "/nonexistent/peers.toml"])
+            .load()
+            .unwrap_err();
+        assert!(format!("{missing:#}").contains("peers.toml"), "{missing:#}");
+    }
+
+    #[test]
     fn every_flag_lands_in_its_field() {
         let config = relay_args(&[
             "--origin",
@@ -440,6 +509,15 @@ mod tests {
         assert!(reason(&["--cert", "c.pem", "--key", "k.pem"]).contains("ca"));
         assert!(reason(&["--publish", "127.0.0.1:4434"]).contains("differ"));
         assert!(Cli::try_parse_from(["statecast", "relay", "--origin", "nowhere"]).is_err());
+        let err = Cli::try_parse_from(["statecast", "relay", "--peer", "id=a,addr=x"]).unwrap_err();
+        assert!(err.to_string().contains("probe"), "{err}");
+        let twice = [
+            "--peer",
+            "id=a,addr=h:1,probe=h:2",
+            "--peer",
+            "id=a,addr=h:3,probe=h:4",
+        ];
+        assert!(reason(&twice).contains("twice"));
         let both = ["statecast", "relay", "--probe", "127.0.0.1:1", "--no-probe"];
         assert!(Cli::try_parse_from(both).is_err());
     }

@@ -242,3 +242,174 @@ async fn probe_fails_when_no_relay_answers_and_says_so() {
         ));
     }
 }
+
+/// Serves `zone.test.` on 127.0.0.1 (UDP) from hickory-server, in-process:
+/// an SRV record per (host, probe port, region), its TXT record and an A
+/// record to 127.0.0.1, where the responders are.
+async fn dns_zone(
+    relays: &[(&str, u16, &str)],
+) -> (
+    SocketAddr,
+    hickory_server::Server<hickory_server::zone_handler::Catalog>,
+) {
+    use hickory_server::net::runtime::TokioRuntimeProvider;
+    use hickory_server::proto::rr::rdata::{A, SOA, SRV, TXT};
+    use hickory_server::proto::rr::{LowerName, Name, RData, Record};
+    use hickory_server::store::in_memory::InMemoryZoneHandler;
+    use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+    let name = |s: &str| Name::from_ascii(s).unwrap();
+    let origin = name("zone.test.");
+    let mut zone = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(
+        origin.clone(),
+        ZoneType::Primary,
+        AxfrPolicy::Deny,
+    );
+    let soa = SOA::new(
+        name("ns.zone.test."),
+        name("admin.zone.test."),
+        1,
+        3600,
+        600,
+        86_400,
+        30,
+    );
+    assert!(zone.upsert_mut(Record::from_rdata(origin.clone(), 30, RData::SOA(soa)), 1));
+    for (host, probe, region) in relays {
+        let host = name(&format!("{host}.zone.test."));
+        let srv = SRV::new(10, 10, 4434, host.clone());
+        let records = [
+            Record::from_rdata(name("_statecast._udp.zone.test."), 30, RData::SRV(srv)),
+            Record::from_rdata(
+                host.clone(),
+                30,
+                RData::TXT(TXT::new(vec![format!("region={region} probe={probe} v=1")])),
+            ),
+            Record::from_rdata(host, 30, RData::A(A::new(127, 0, 0, 1))),
+        ];
+        for record in records {
+            assert!(zone.upsert_mut(record, 1));
+        }
+    }
+    let mut catalog = Catalog::new();
+    catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut server = hickory_server::Server::new(catalog);
+    server.register_socket(socket);
+    (addr, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_discovers_relays_in_dns() {
+    let (stop_tx, stop) = watch::channel(false);
+    let near = responder(info("relay-eu-1", "eu-west", 100, 5), &stop).await;
+    let far = responder(info("relay-us-1", "us-east", 300, 8), &stop).await;
+    let far = tap(far, Duration::from_millis(40), Arc::default(), &stop).await;
+    let (dns, _server) = dns_zone(&[
+        ("relay1", near.port(), "eu-west"),
+        ("relay2", far.port(), "us-east"),
+    ])
+    .await;
+    let dns = dns.to_string();
+    let out = statecast(&[
+        "probe",
+        "--discover",
+        "zone.test",
+        "--dns-server",
+        &dns,
+        "--count",
+        "3",
+        "--interval-ms",
+        "20",
+        "--json",
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let rows: Vec<Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    // Named by their DNS host and TXT probe port; the near one chosen.
+    assert_eq!(rows[0]["addr"], format!("relay1.zone.test:{}", near.port()));
+    assert_eq!(rows[0]["region"], "eu-west");
+    assert_eq!(rows[0]["chosen"], true);
+    assert_eq!(rows[1]["addr"], format!("relay2.zone.test:{}", far.port()));
+    assert_eq!(rows[1]["region"], "us-east");
+    assert_eq!(rows[1]["chosen"], false);
+    assert!(f(&rows[1], "rtt_min_ms") >= 40.0, "{:#}", rows[1]);
+
+    // A domain without relays: a clear error, quickly.
+    let out = statecast(&[
+        "probe",
+        "--discover",
+        "nothing.zone.test",
+        "--dns-server",
+        &dns,
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no such name") && stderr.contains("nothing.zone.test"),
+        "{stderr}"
+    );
+    stop_tx.send_replace(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_watch_prints_one_json_array_per_round() {
+    let (stop_tx, stop) = watch::channel(false);
+    let near = responder(info("relay-eu-1", "eu-west", 100, 5), &stop).await;
+    let far = responder(info("relay-us-1", "us-east", 300, 8), &stop).await;
+    let relays = format!("{near},{far}");
+    let out = statecast(&[
+        "probe",
+        "--relays",
+        &relays,
+        "--count",
+        "2",
+        "--interval-ms",
+        "10",
+        "--watch",
+        "--rounds",
+        "2",
+        "--json",
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let rounds: Vec<Vec<Value>> = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Vec<Value>>()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(rounds.len(), 2, "{stdout}");
+    assert_eq!(stdout.lines().count(), 2, "one array per line: {stdout}");
+    for round in &rounds {
+        assert_eq!(round.len(), 2, "{round:?}");
+        assert_eq!(round.iter().filter(|r| r["chosen"] == true).count(), 1);
+        for row in round {
+            for key in [
+                "addr",
+                "region",
+                "rtt_min_ms",
+                "rtt_median_ms",
+                "rtt_p95_ms",
+                "jitter_ms",
+                "loss",
+                "origin_rtt_ms",
+                "load",
+                "score",
+                "chosen",
+            ] {
+                assert!(row.get(key).is_some(), "{key} missing in {row:#}");
+            }
+        }
+    }
+    // The second round adds to the first's samples: more pings resolved.
+    assert!(
+        rounds[1][0]["sent"].as_u64() > rounds[0][0]["sent"].as_u64(),
+        "{stdout}"
+    );
+    stop_tx.send_replace(true);
+}
