@@ -20,8 +20,11 @@
 //! half the best RTT seen has passed again without an answer from the rest
 //! (a relay that has not answered by then is slower than the best by that
 //! much, so waiting for it costs more than it could win), or
-//! [`Config::first_pick_timeout`]. Then it connects down the failover order
-//! until one relay welcomes it.
+//! [`Config::first_pick_timeout`]. The handshake with the first relay to
+//! answer starts as soon as it answers, while the others still may: it is
+//! most often the one picked, and then the wait costs nothing. Otherwise
+//! that handshake is abandoned, and the roamer connects down the failover
+//! order until one relay welcomes it.
 //!
 //! **Moves.** Three things make the roamer move:
 //!
@@ -392,7 +395,24 @@ impl Roamer {
         }
         let started = Instant::now();
         let prober = Prober::start(candidates, config.select.clone()).await?;
-        prober.first_pick(config.first_pick_timeout).await;
+        // The first relay to answer is most often the one picked: start its
+        // handshake at once, while the others have their chance to answer.
+        let speculative = prober
+            .first_answer(config.first_pick_timeout)
+            .await
+            .and_then(|probe| {
+                let connect = prober.selector().candidate(probe)?.connect;
+                let configs = vec![(probe, config.session(connect))];
+                Some((
+                    probe,
+                    tokio::spawn(connect_any(endpoint.clone(), configs, None)),
+                ))
+            });
+        let waited = started.elapsed();
+        prober
+            .first_pick(config.first_pick_timeout.saturating_sub(waited))
+            .await;
+        let best = prober.selector().best();
         let mut roamer = Roamer {
             endpoint: endpoint.clone(),
             config,
@@ -412,6 +432,20 @@ impl Roamer {
             past: session::Stats::default(),
             fatal: None,
         };
+        if let Some((probe, task)) = speculative {
+            if Some(probe) == best {
+                if let Ok(Outcome {
+                    result: Ok((session, relay)),
+                    ..
+                }) = task.await
+                {
+                    roamer.install(session, relay);
+                    return Ok(roamer);
+                }
+            } else {
+                task.abort();
+            }
+        }
         roamer.reconnect(None).await?;
         Ok(roamer)
     }
@@ -990,6 +1024,31 @@ impl Prober {
 
     fn selector(&self) -> MutexGuard<'_, Selector> {
         self.selector.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for the first live answer of a probed candidate, at most
+    /// `timeout`; returns that candidate.
+    async fn first_answer(&self, timeout: Duration) -> Option<SocketAddr> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let first = self
+                .selector()
+                .estimates()
+                .into_iter()
+                .filter(|e| e.alive)
+                .min_by_key(|e| e.rtt_min)
+                .map(|e| e.addr);
+            if first.is_some() {
+                return first;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
     }
 
     /// Waits until the first round's answers are enough to pick (see the
