@@ -6,11 +6,13 @@
 //!
 //! [`replica`] is the protocol core without I/O; [`session`] runs it over
 //! QUIC against one relay. [`discover`] finds relays in DNS; [`select`]
-//! chooses one from UDP probes, also without I/O. [`roam`] puts them
+//! chooses one from UDP probes, also without I/O, steered among many relays
+//! by [`coords`] (network coordinates). [`roam`] puts them
 //! together: a client that probes, connects to the best relay, and moves
 //! (resuming its session) when that relay fails, drains or is beaten.
 #![warn(missing_docs)]
 
+pub mod coords;
 pub mod discover;
 pub mod replica;
 pub mod roam;

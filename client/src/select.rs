@@ -29,6 +29,12 @@
 //! without a hint come next, in the order given; candidates whose pongs
 //! stopped come last.
 //!
+//! A driver may steer this: [`Selector::set_hint`] changes a hint between
+//! rounds, and [`Selector::probe_now`] runs one round on candidates it
+//! chose instead of the active set. [`crate::coords::Guide`] uses both to
+//! place the client in network coordinates with a few probes, then probe
+//! the most promising relays among hundreds.
+//!
 //! ## Estimates and score
 //!
 //! Per candidate the selector keeps the last [`Config::rtt_window`] RTT
@@ -339,6 +345,9 @@ struct Round {
     schedule: VecDeque<(Instant, usize)>,
     /// Slots of this round.
     active: Vec<usize>,
+    /// Started by [`Selector::probe_now`]: the caller chose its candidates,
+    /// so candidates that answer nothing are not replaced at once.
+    manual: bool,
 }
 
 /// Chooses relays from probe results; see the [module](self) documentation
@@ -441,6 +450,61 @@ impl Selector {
     /// Rounds completed so far.
     pub fn rounds_completed(&self) -> u64 {
         self.stats.rounds
+    }
+
+    /// Whether a round is in progress: pings still to send or in flight.
+    pub fn probing(&self) -> bool {
+        self.round.is_some()
+    }
+
+    /// Replaces the hint of the candidate probed at `addr` (see
+    /// [`Candidate::hint`]); it counts from the next round on. Returns
+    /// `false`, and changes nothing, for an address that is not a
+    /// candidate. A driver that learns more about the network between
+    /// rounds (network coordinates: [`crate::coords`]) re-hints with this.
+    pub fn set_hint(&mut self, addr: SocketAddr, hint: Option<Duration>) -> bool {
+        match self.by_addr.get(&canonical(addr)) {
+            Some(&i) => {
+                self.slots[i].candidate.hint = hint;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts a round at `now` on exactly the candidates at `addrs`
+    /// (unknown addresses and duplicates skipped; the current relay is not
+    /// added), instead of the active set, and returns how many it probes.
+    /// Does nothing, and returns 0, while a round is in progress or when no
+    /// address is a candidate.
+    ///
+    /// The round runs like any other ([`Config::probes_per_round`] staggered
+    /// pings each) and counts in [`rounds_completed`](Self::rounds_completed);
+    /// when it completes, the next regular round is due
+    /// [`Config::reprobe_every`] after it began. Candidates of the round
+    /// that answer nothing are not replaced at once: the caller chose them,
+    /// and decides what to probe next. This is how a driver with its own
+    /// plan (probe far-apart relays to place itself in network
+    /// coordinates, then the most promising few; see [`crate::coords`])
+    /// keeps the number of relays probed within its budget.
+    pub fn probe_now(&mut self, addrs: &[SocketAddr], now: Instant) -> usize {
+        if self.round.is_some() {
+            return 0;
+        }
+        let mut active: Vec<usize> = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            if let Some(&i) = self.by_addr.get(&canonical(*addr))
+                && !active.contains(&i)
+            {
+                active.push(i);
+            }
+        }
+        let n = active.len();
+        if n > 0 {
+            self.next_round = None;
+            self.begin_round(now, active, true);
+        }
+        n
     }
 
     /// The next ping to send at `now`, if one is due: where to, and what.
@@ -579,10 +643,11 @@ impl Selector {
             self.stats.rounds += 1;
             // Someone answered nothing, and fresh candidates could take its
             // place: probe again now rather than in a full period.
-            let silent = round
-                .active
-                .iter()
-                .any(|&i| self.slots[i].round_answers == 0);
+            let silent = !round.manual
+                && round
+                    .active
+                    .iter()
+                    .any(|&i| self.slots[i].round_answers == 0);
             let fresh = self.slots.iter().any(|s| !s.probed);
             self.next_round = if silent && fresh {
                 Some(now)
@@ -601,6 +666,11 @@ impl Selector {
 
     fn start_round(&mut self, now: Instant) {
         let active = self.active_set();
+        self.begin_round(now, active, false);
+    }
+
+    /// Schedules a round's pings to `active`, starting at `now`.
+    fn begin_round(&mut self, now: Instant, active: Vec<usize>, manual: bool) {
         if active.is_empty() {
             return;
         }
@@ -620,6 +690,7 @@ impl Selector {
             start: now,
             schedule,
             active,
+            manual,
         });
     }
 

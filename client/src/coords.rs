@@ -1,0 +1,1178 @@
+//! Network coordinates (Vivaldi) and the probing hints they give.
+//!
+//! ## The model
+//!
+//! Every relay places itself in a small space so that the distance between
+//! two points predicts the round-trip time between the two nodes, without
+//! ever measuring that pair: the space is the plane plus a *height*
+//! (Dabek, Cox, Kaashoek, Morris, "Vivaldi: a decentralized network
+//! coordinate system", SIGCOMM 2004, section 5.3). The plane stands for the
+//! Internet's core, where distance grows with geography; the height for a
+//! node's access link, which every path to and from it crosses:
+//!
+//! ```text
+//! distance(a, b) = |(a.x, a.y) - (b.x, b.y)| + a.height + b.height   (ms)
+//! ```
+//!
+//! Coordinates travel as [`Coords`] `[x, y, height]` (`f32`, milliseconds)
+//! in pongs, directory entries and DNS TXT records.
+//!
+//! A relay runs [`Vivaldi`]: for each RTT sample to a peer whose
+//! coordinates and error it knows, it moves its point along the line to
+//! the peer, away when the measured RTT is longer than predicted and
+//! towards it when shorter, by a fraction of the difference. That fraction
+//! is the paper's adaptive timestep: `cc x w` with `w = e_local / (e_local +
+//! e_remote)`, so a node sure of itself (low error) hardly moves for an
+//! unsure peer, and a new node jumps. The local error is a moving average
+//! (weight `ce x w`) of the samples' relative errors. Constants `cc = ce =
+//! 0.25` are the paper's.
+//!
+//! Samples that cannot be RTTs (not finite, not positive, above
+//! [`MAX_RTT_MS`]) and peers with non-finite coordinates are refused, and
+//! points are clamped to [`MAX_COORD_MS`], so no sequence of inputs makes a
+//! coordinate NaN or infinite.
+//!
+//! ## Hints from coordinates
+//!
+//! A client does not run Vivaldi: it probes too few relays for the online
+//! update to settle. It knows the relays' coordinates (directory, TXT
+//! records, pongs) and fits its own point to the RTTs it measured
+//! ([`fit`]: least squares on relative errors, from several starts, the
+//! height capped at a share of the shortest RTT). A [`Guide`] drives a
+//! [`Selector`] with that, as a descent through clusters:
+//!
+//! 1. probe the [`GuideConfig::spread`] medoids of all relays in coordinate
+//!    space ([`spread`]: one representative per cluster, roughly per
+//!    continent);
+//! 2. keep the cluster of the medoid with the best *measured* score (RTT
+//!    plus its reported origin RTT) and probe the medoids of that cluster;
+//!    repeat while more than [`GuideConfig::step`] probes are left of
+//!    [`GuideConfig::budget`]. A medoid that answers nothing is replaced by
+//!    its nearest neighbour;
+//! 3. fit the client's point, and the origin's from the relays' reported
+//!    origin RTTs (the same fit: a relay's coordinates and its RTT to the
+//!    origin are a sample of the origin's position); probe the `step` relays
+//!    with the best predicted score; hint every relay with its predicted
+//!    RTT ([`Selector::set_hint`]) for the selector's later rounds.
+//!
+//! The descent needs the coordinates to be right only locally (which
+//! relays are near each other), not across oceans, where a 2-D embedding
+//! of the globe is worst; the final prediction uses the near samples the
+//! descent collected. The selector then chooses among the measured relays
+//! as usual.
+//!
+//! [`region_hint`] is the coarser alternative when only regions are known:
+//! relays of the client's region first.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use std::time::Instant;
+
+use proto::msg::Coords;
+
+use crate::select::{Candidate, Selector};
+
+/// Coordinates are clamped to `[-MAX_COORD_MS, MAX_COORD_MS]` (and heights
+/// to `[0, MAX_COORD_MS]`): Earth's networks are well under a second
+/// across, so only a broken input gets there.
+pub const MAX_COORD_MS: f64 = 100_000.0;
+
+/// Longest RTT sample taken, in milliseconds; anything longer is a broken
+/// measurement (or a path useless for real time).
+pub const MAX_RTT_MS: f64 = 10_000.0;
+
+/// How a [`Vivaldi`] node updates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VivaldiConfig {
+    /// Timestep constant: the largest share of the error corrected per
+    /// sample (the paper's `cc`).
+    pub cc: f64,
+    /// Weight of a sample in the local error's moving average (`ce`).
+    pub ce: f64,
+    /// Least height, in ms: every real node has some access delay.
+    pub min_height_ms: f64,
+    /// The error a new node starts with, and the most it can reach (1:
+    /// predictions off by 100%).
+    pub max_error: f64,
+    /// Least error: a node never becomes so sure that it stops moving.
+    pub min_error: f64,
+    /// Seeds the direction two coinciding nodes split in.
+    pub seed: u64,
+}
+
+impl Default for VivaldiConfig {
+    fn default() -> VivaldiConfig {
+        VivaldiConfig {
+            // The paper's constants (section 4.3): fast convergence
+            // without oscillation on PlanetLab and King data.
+            cc: 0.25,
+            ce: 0.25,
+            // 0.1 ms: below any access link, above zero so that the height
+            // direction exists.
+            min_height_ms: 0.1,
+            max_error: 1.5,
+            // 1%: the residual error of a good embedding is several times
+            // that; the floor only keeps the timestep from vanishing.
+            min_error: 0.01,
+            seed: 0x7669_7661_6c64_6921,
+        }
+    }
+}
+
+/// A point of the space, with the invariants of [`point`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Point {
+    x: f64,
+    y: f64,
+    h: f64,
+}
+
+impl Point {
+    fn planar(&self, other: &Point) -> f64 {
+        (self.x - other.x).hypot(self.y - other.y)
+    }
+
+    fn dist(&self, other: &Point) -> f64 {
+        self.planar(other) + self.h + other.h
+    }
+
+    fn coords(&self) -> Coords {
+        [self.x as f32, self.y as f32, self.h as f32]
+    }
+
+    fn clamped(self, min_height: f64) -> Point {
+        Point {
+            x: self.x.clamp(-MAX_COORD_MS, MAX_COORD_MS),
+            y: self.y.clamp(-MAX_COORD_MS, MAX_COORD_MS),
+            h: self.h.clamp(min_height.max(0.0), MAX_COORD_MS),
+        }
+    }
+
+    fn finite(&self) -> bool {
+        self.x.is_finite() && self.y.is_finite() && self.h.is_finite()
+    }
+}
+
+/// Wire coordinates as a point: `None` if any value is not finite; values
+/// clamped to [`MAX_COORD_MS`], a negative height read as 0.
+fn point(c: &Coords) -> Option<Point> {
+    c.iter().all(|v| v.is_finite()).then(|| {
+        Point {
+            x: f64::from(c[0]),
+            y: f64::from(c[1]),
+            h: f64::from(c[2]),
+        }
+        .clamped(0.0)
+    })
+}
+
+/// The RTT, in milliseconds, that coordinates `a` and `b` predict. Finite
+/// and non-negative for finite inputs (out-of-range values are clamped as
+/// [`MAX_COORD_MS`] says); `f64::INFINITY`, never NaN, when either holds a
+/// non-finite value.
+pub fn distance(a: &Coords, b: &Coords) -> f64 {
+    match (point(a), point(b)) {
+        (Some(a), Some(b)) => a.dist(&b),
+        _ => f64::INFINITY,
+    }
+}
+
+/// A valid RTT sample in milliseconds (see [`MAX_RTT_MS`]).
+fn valid_rtt(rtt_ms: f64) -> bool {
+    rtt_ms.is_finite() && rtt_ms > 0.0 && rtt_ms <= MAX_RTT_MS
+}
+
+/// One node's Vivaldi state: its point and its error (see the
+/// [module](self) documentation).
+#[derive(Clone, Debug)]
+pub struct Vivaldi {
+    config: VivaldiConfig,
+    point: Point,
+    error: f64,
+    rng: u64,
+    samples: u64,
+}
+
+impl Vivaldi {
+    /// A node at the centre of the space with the largest error.
+    pub fn new(config: VivaldiConfig) -> Vivaldi {
+        let min_error = config.min_error.clamp(1e-6, 1.0);
+        let max_error = if config.max_error.is_finite() {
+            config.max_error.max(min_error)
+        } else {
+            1.5
+        };
+        let config = VivaldiConfig {
+            cc: if config.cc.is_finite() {
+                config.cc.clamp(0.0, 1.0)
+            } else {
+                0.25
+            },
+            ce: if config.ce.is_finite() {
+                config.ce.clamp(0.0, 1.0)
+            } else {
+                0.25
+            },
+            min_height_ms: if config.min_height_ms.is_finite() {
+                config.min_height_ms.clamp(0.0, MAX_COORD_MS)
+            } else {
+                0.1
+            },
+            min_error,
+            max_error,
+            seed: config.seed,
+        };
+        Vivaldi {
+            point: Point {
+                x: 0.0,
+                y: 0.0,
+                h: config.min_height_ms,
+            },
+            error: max_error,
+            rng: config.seed,
+            samples: 0,
+            config,
+        }
+    }
+
+    /// The node's coordinates (always finite).
+    pub fn coords(&self) -> Coords {
+        self.point.coords()
+    }
+
+    /// The node's error: a moving average of its predictions' relative
+    /// errors, between the configured least and largest.
+    pub fn error(&self) -> f64 {
+        self.error
+    }
+
+    /// Samples taken so far.
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+
+    /// Takes one RTT sample (ms) to a peer at `remote` whose own error is
+    /// `remote_error`. Returns `false`, changing nothing, for a sample that
+    /// cannot be an RTT or a peer with non-finite coordinates; a non-finite
+    /// remote error counts as the largest.
+    pub fn observe(&mut self, rtt_ms: f64, remote: &Coords, remote_error: f64) -> bool {
+        if !valid_rtt(rtt_ms) {
+            return false;
+        }
+        let Some(peer) = point(remote) else {
+            return false;
+        };
+        let c = &self.config;
+        let remote_error = if remote_error.is_finite() {
+            remote_error.clamp(c.min_error, c.max_error)
+        } else {
+            c.max_error
+        };
+        let dist = self.point.dist(&peer);
+        // Both errors are at least min_error > 0: no division by zero.
+        let w = self.error / (self.error + remote_error);
+        let sample_error = (dist - rtt_ms).abs() / rtt_ms;
+        let error = (sample_error * c.ce * w + self.error * (1.0 - c.ce * w))
+            .clamp(c.min_error, c.max_error);
+        let force = c.cc * w * (rtt_ms - dist);
+        let planar = self.point.planar(&peer);
+        let (ux, uy, uh) = if planar < 1e-6 {
+            // Coinciding in the plane: split in a random direction.
+            let angle = unit(&mut self.rng) * std::f64::consts::TAU;
+            (angle.cos(), angle.sin(), 0.0)
+        } else {
+            // The unit vector of the height model: [x_i - x_j, h_i + h_j]
+            // over its norm |x_i - x_j| + h_i + h_j.
+            let len = planar + self.point.h + peer.h;
+            (
+                (self.point.x - peer.x) / len,
+                (self.point.y - peer.y) / len,
+                (self.point.h + peer.h) / len,
+            )
+        };
+        let moved = Point {
+            x: self.point.x + force * ux,
+            y: self.point.y + force * uy,
+            h: self.point.h + force * uh,
+        }
+        .clamped(c.min_height_ms);
+        if !moved.finite() || !error.is_finite() {
+            return false;
+        }
+        self.point = moved;
+        self.error = error;
+        self.samples += 1;
+        true
+    }
+}
+
+/// Uniform in [0, 1) from a SplitMix64 state.
+fn unit(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Iterations of gradient descent per start in [`fit`].
+const FIT_ITERATIONS: usize = 200;
+/// The largest share of the shortest RTT sample that [`fit`] gives to the
+/// fitted point's height. Measured on the shipped lab matrix (no origin,
+/// coordinates guide): 1.0 (no cap in practice) 66% of clients near best,
+/// 0.5 69%, 0.25 73%.
+const FIT_HEIGHT_SHARE: f64 = 0.25;
+
+/// Starting points tried by [`fit`] at most.
+const FIT_STARTS: usize = 16;
+
+/// Places a point from RTTs (ms) to points of known coordinates: the
+/// coordinates minimising the sum of squared *relative* errors
+/// `((distance - rtt) / rtt)^2`, so near samples, the ones that decide
+/// between nearby relays, weigh most. Invalid samples (non-finite
+/// coordinates, RTTs that [`Vivaldi::observe`] would refuse) are skipped;
+/// `None` when none is left.
+///
+/// Gradient descent with a shrinking step, from each sample's point (at the
+/// height that matches its RTT) and from the samples' centroid; the start
+/// that ends with the least error wins. Deterministic: the same samples in
+/// the same order give the same point.
+pub fn fit(samples: &[(Coords, f64)]) -> Option<Coords> {
+    let samples: Vec<(Point, f64)> = samples
+        .iter()
+        .filter(|(_, rtt)| valid_rtt(*rtt))
+        .filter_map(|(c, rtt)| Some((point(c)?, *rtt)))
+        .collect();
+    if samples.is_empty() {
+        return None;
+    }
+    let loss = |p: &Point| -> f64 {
+        samples
+            .iter()
+            .map(|(q, rtt)| ((p.dist(q) - rtt) / rtt).powi(2))
+            .sum()
+    };
+    let n = samples.len() as f64;
+    let centroid = Point {
+        x: samples.iter().map(|(q, _)| q.x).sum::<f64>() / n,
+        y: samples.iter().map(|(q, _)| q.y).sum::<f64>() / n,
+        h: 0.0,
+    };
+    let mut starts: Vec<Point> = samples
+        .iter()
+        .take(FIT_STARTS - 1)
+        .map(|(q, rtt)| Point {
+            x: q.x,
+            y: q.y,
+            h: (rtt - q.h).max(0.0),
+        })
+        .collect();
+    starts.push(centroid);
+    // A node's height is its access delay: part of every RTT it has, so
+    // at most a share of the shortest. Without the cap a node far from
+    // every sample (a client across an ocean from all relays probed) is
+    // explained by a huge height in the middle of the space instead of a
+    // position out on its own.
+    let min_rtt = samples
+        .iter()
+        .map(|(_, r)| *r)
+        .fold(f64::INFINITY, f64::min);
+    let max_height = FIT_HEIGHT_SHARE * min_rtt;
+    let mut best: Option<(f64, Point)> = None;
+    for (k, start) in starts.into_iter().enumerate() {
+        let start = Point {
+            h: start.h.min(max_height),
+            ..start
+        };
+        let mut p = start;
+        for i in 0..FIT_ITERATIONS {
+            // Step from 0.4 down to 0.02: a step of 0.5 would cancel one
+            // sample's residual exactly (half in the plane, half in height).
+            let eta = 0.02 + 0.38 * (1.0 - i as f64 / FIT_ITERATIONS as f64);
+            let (mut gx, mut gy, mut gh, mut wsum) = (0.0, 0.0, 0.0, 0.0);
+            for (j, (q, rtt)) in samples.iter().enumerate() {
+                let w = 1.0 / (rtt * rtt);
+                let residual = p.dist(q) - rtt;
+                let planar = p.planar(q);
+                let (ux, uy) = if planar < 1e-6 {
+                    // On top of a sample: a fixed direction per sample and
+                    // start, so that the descent can leave it.
+                    let angle = (j * 7 + k * 3) as f64;
+                    (angle.cos(), angle.sin())
+                } else {
+                    ((p.x - q.x) / planar, (p.y - q.y) / planar)
+                };
+                gx += w * residual * ux;
+                gy += w * residual * uy;
+                gh += w * residual;
+                wsum += w;
+            }
+            p = Point {
+                x: p.x - eta * gx / wsum,
+                y: p.y - eta * gy / wsum,
+                h: (p.h - eta * gh / wsum).min(max_height),
+            }
+            .clamped(0.0);
+        }
+        let l = loss(&p);
+        if l.is_finite() && best.is_none_or(|(b, _)| l < b) {
+            best = Some((l, p));
+        }
+    }
+    best.map(|(_, p)| p.coords())
+}
+
+/// `k` of the `points` that represent them (indices, sorted): the medoids
+/// of `k` clusters. Seeded with points far apart (the one farthest from the
+/// centroid, then each time the one farthest from all picked), then Lloyd
+/// iterations move each pick to the medoid of the points nearest to it, so
+/// that an outlier (a lone relay across an ocean) does not stand for a
+/// whole continent. Points with non-finite values are never picked; ties go
+/// to the lower index. Deterministic.
+pub fn spread(points: &[Coords], k: usize) -> Vec<usize> {
+    let valid: Vec<(usize, Point)> = points
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some((i, point(c)?)))
+        .collect();
+    let k = k.min(valid.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let planar = |a: &Point, b: &Point| a.planar(b);
+    let n = valid.len() as f64;
+    let centroid = Point {
+        x: valid.iter().map(|(_, p)| p.x).sum::<f64>() / n,
+        y: valid.iter().map(|(_, p)| p.y).sum::<f64>() / n,
+        h: 0.0,
+    };
+    // Farthest-point seeds (positions in `valid`).
+    let mut nearest: Vec<f64> = valid.iter().map(|(_, p)| planar(p, &centroid)).collect();
+    let mut medoids: Vec<usize> = Vec::with_capacity(k);
+    while medoids.len() < k {
+        let Some(j) = (0..valid.len()).filter(|j| !medoids.contains(j)).fold(
+            None,
+            |best: Option<usize>, j| match best {
+                Some(b) if nearest[b] >= nearest[j] => Some(b),
+                _ => Some(j),
+            },
+        ) else {
+            break;
+        };
+        let first = medoids.is_empty();
+        medoids.push(j);
+        let chosen = valid[j].1;
+        for (d, (_, p)) in nearest.iter_mut().zip(&valid) {
+            let to_chosen = planar(p, &chosen);
+            *d = if first { to_chosen } else { d.min(to_chosen) };
+        }
+    }
+    // Lloyd iterations on medoids; bounded, and stops when nothing moves.
+    for _ in 0..32 {
+        let mut clusters: Vec<Vec<usize>> = vec![Vec::new(); medoids.len()];
+        for (j, (_, p)) in valid.iter().enumerate() {
+            let c = (0..medoids.len())
+                .min_by(|&a, &b| {
+                    let (da, db) = (
+                        planar(p, &valid[medoids[a]].1),
+                        planar(p, &valid[medoids[b]].1),
+                    );
+                    da.total_cmp(&db).then(a.cmp(&b))
+                })
+                .unwrap_or(0);
+            clusters[c].push(j);
+        }
+        let mut moved = false;
+        for (c, members) in clusters.iter().enumerate() {
+            let cost = |m: usize| -> f64 {
+                members
+                    .iter()
+                    .map(|&j| planar(&valid[j].1, &valid[m].1))
+                    .sum()
+            };
+            let Some(best) = members
+                .iter()
+                .copied()
+                .min_by(|&a, &b| cost(a).total_cmp(&cost(b)).then(a.cmp(&b)))
+            else {
+                continue;
+            };
+            if best != medoids[c] && cost(best) < cost(medoids[c]) {
+                medoids[c] = best;
+                moved = true;
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    let mut picked: Vec<usize> = medoids.into_iter().map(|j| valid[j].0).collect();
+    picked.sort_unstable();
+    picked.dedup();
+    picked
+}
+
+/// The hint for a relay in `region` to a client in `own` region: 10 ms for
+/// the same region, 50 ms for the same area (the part before the first
+/// `-`: `eu-west` and `eu-central` share `eu`), none otherwise. Only the
+/// order matters to the selector: same region first, then same area, then
+/// the unhinted. Regions compare without regard to ASCII case.
+pub fn region_hint(own: &str, region: &str) -> Option<Duration> {
+    let (own, region) = (own.trim(), region.trim());
+    if own.is_empty() || region.is_empty() {
+        return None;
+    }
+    if own.eq_ignore_ascii_case(region) {
+        return Some(Duration::from_millis(10));
+    }
+    let area = |r: &str| r.split('-').next().unwrap_or(r).to_ascii_lowercase();
+    (area(own) == area(region)).then_some(Duration::from_millis(50))
+}
+
+/// Sets [`region_hint`]s on the candidates that have a region and no hint.
+pub fn apply_region_hints(own: &str, candidates: &mut [Candidate]) {
+    for c in candidates {
+        if c.hint.is_none()
+            && let Some(region) = &c.region
+        {
+            c.hint = region_hint(own, region);
+        }
+    }
+}
+
+/// How a [`Guide`] spends its probes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuideConfig {
+    /// Relays probed per level of the descent: the medoids of the
+    /// candidates (first round), then of the winning cluster.
+    pub spread: usize,
+    /// Relays probed in the last round: the most promising by prediction
+    /// among those not probed yet. The descent goes on while more than
+    /// this is left of the budget.
+    pub step: usize,
+    /// Relays probed in all while guided.
+    pub budget: usize,
+}
+
+impl Default for GuideConfig {
+    fn default() -> GuideConfig {
+        // Measured with `statecast lab route` on the shipped matrix
+        // (benches/README.md, "Routing at scale"): of spread/step 2/1, 2/2,
+        // 3/1, 3/2, 3/3 and 4/2, four medoids then the two most promising
+        // came out best on average over the three origins tried; eight is
+        // the issue's probing budget.
+        GuideConfig {
+            spread: 4,
+            step: 2,
+            budget: 8,
+        }
+    }
+}
+
+/// What the guide assumes about relays' RTTs to the origin.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum OriginModel {
+    /// Nothing reported yet: counts as zero.
+    Unknown,
+    /// All reports about equal: this value for every relay.
+    Constant(f64),
+    /// The origin's fitted coordinates.
+    At(Coords),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Idle,
+    Guiding,
+    Done,
+}
+
+/// Steers a [`Selector`] with network coordinates: a few far-apart relays
+/// first, then the most promising ones, within a budget (see the
+/// [module](self) documentation).
+///
+/// Like the selector it reads no clock and sends nothing: call
+/// [`start`](Guide::start) once, before the selector's first
+/// [`poll_transmit`](Selector::poll_transmit), then
+/// [`poll`](Guide::poll) after each
+/// [`handle_pong`](Selector::handle_pong) /
+/// [`handle_timeout`](Selector::handle_timeout) and before draining
+/// `poll_transmit`. Once [`is_done`](Guide::is_done), the selector goes on
+/// alone, with the hints the guide left.
+#[derive(Clone, Debug)]
+pub struct Guide {
+    config: GuideConfig,
+    known: HashMap<SocketAddr, Coords>,
+    stage: Stage,
+    rounds_seen: u64,
+    own: Option<Coords>,
+    origin: OriginModel,
+    /// Candidates the search is narrowed to.
+    scope: Vec<SocketAddr>,
+    /// The relays of the last guided round.
+    level: Vec<SocketAddr>,
+    /// Replacements for silent relays so far (bounded by the budget).
+    replacements: usize,
+}
+
+impl Guide {
+    /// A guide that knows these relays' coordinates (by probe address, as
+    /// the selector names candidates); entries with non-finite values are
+    /// dropped. Coordinates in pongs take precedence once they come.
+    pub fn new(
+        config: GuideConfig,
+        known: impl IntoIterator<Item = (SocketAddr, Coords)>,
+    ) -> Guide {
+        let known = known
+            .into_iter()
+            .filter(|(_, c)| point(c).is_some())
+            .map(|(a, c)| (SocketAddr::new(a.ip().to_canonical(), a.port()), c))
+            .collect();
+        Guide {
+            config,
+            known,
+            stage: Stage::Idle,
+            rounds_seen: 0,
+            own: None,
+            origin: OriginModel::Unknown,
+            scope: Vec::new(),
+            level: Vec::new(),
+            replacements: 0,
+        }
+    }
+
+    /// Starts the first round: the medoids of all candidates with
+    /// coordinates. Returns how many are probed; 0 (and the guide is done,
+    /// leaving the selector to itself) when no candidate has coordinates,
+    /// the budget is zero, or a round is already running.
+    pub fn start(&mut self, selector: &mut Selector, now: Instant) -> usize {
+        if self.stage != Stage::Idle {
+            return 0;
+        }
+        self.stage = Stage::Done;
+        if self.config.budget == 0 {
+            return 0;
+        }
+        self.scope = selector
+            .candidates()
+            .filter(|c| self.known.contains_key(&c.addr))
+            .map(|c| c.addr)
+            .collect();
+        let k = self.config.spread.max(1).min(self.config.budget);
+        let addrs = self.medoids(&self.scope, k);
+        self.rounds_seen = selector.rounds_completed();
+        let n = selector.probe_now(&addrs, now);
+        self.level = addrs;
+        if n > 0 {
+            self.stage = Stage::Guiding;
+        }
+        n
+    }
+
+    /// `k` medoids of `scope` in coordinate space (see [`spread`]).
+    fn medoids(&self, scope: &[SocketAddr], k: usize) -> Vec<SocketAddr> {
+        let points: Vec<Coords> = scope.iter().map(|a| self.known[a]).collect();
+        spread(&points, k).into_iter().map(|i| scope[i]).collect()
+    }
+
+    /// After a guided round completed: refits, re-hints, and starts the
+    /// next guided round if the budget allows. Returns whether it started
+    /// one. Does nothing while the round runs or once done.
+    pub fn poll(&mut self, selector: &mut Selector, now: Instant) -> bool {
+        if self.stage != Stage::Guiding
+            || selector.probing()
+            || selector.rounds_completed() == self.rounds_seen
+        {
+            return false;
+        }
+        self.rounds_seen = selector.rounds_completed();
+        self.refit(selector);
+        let estimates = selector.estimates();
+        let by_addr: HashMap<SocketAddr, &crate::select::Estimate> =
+            estimates.iter().map(|e| (e.addr, e)).collect();
+        let coords_of =
+            |e: &crate::select::Estimate| e.coords.or_else(|| self.known.get(&e.addr).copied());
+        // Hints for every candidate with coordinates, and the unprobed ones
+        // ranked by predicted score.
+        let mut ranked: Vec<(f64, usize, SocketAddr)> = Vec::new();
+        for (i, e) in estimates.iter().enumerate() {
+            let coords = coords_of(e);
+            if let Some(p) = coords.and_then(|c| self.predict_score(&c)) {
+                let hint = coords.and_then(|c| self.predict_rtt(&c));
+                selector.set_hint(e.addr, hint.and_then(millis));
+                if !e.probed {
+                    ranked.push((p, i, e.addr));
+                }
+            }
+        }
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let probed = estimates.iter().filter(|e| e.probed).count();
+        let remaining = self.config.budget.saturating_sub(probed);
+        // The medoid of the last level with the best measured score: its
+        // cluster (the scope's relays nearer to it than to the level's other
+        // medoids) is where the search goes on.
+        let winner = self
+            .level
+            .iter()
+            .filter_map(|a| Some((by_addr.get(a)?.score?.total, *a)))
+            .min_by_key(|&(score, _)| score)
+            .map(|(_, a)| a);
+        let mut batch: Vec<SocketAddr> = Vec::new();
+        if let Some(winner) = winner {
+            if remaining > self.config.step {
+                let level: Vec<Coords> = self.level.iter().map(|a| self.known[a]).collect();
+                let own_cluster = |a: &SocketAddr| {
+                    let c = self.known[a];
+                    let d = |m: &Coords| distance(&c, m);
+                    let nearest = (0..level.len())
+                        .min_by(|&i, &j| d(&level[i]).total_cmp(&d(&level[j])).then(i.cmp(&j)));
+                    nearest.is_some_and(|i| self.level[i] == winner)
+                };
+                let scope: Vec<SocketAddr> = self
+                    .scope
+                    .iter()
+                    .filter(|a| own_cluster(a))
+                    .filter(|a| by_addr.get(*a).is_some_and(|e| !e.probed))
+                    .copied()
+                    .collect();
+                let k = self.config.spread.max(1).min(remaining - self.config.step);
+                batch = self.medoids(&scope, k);
+                self.scope = scope;
+            }
+        }
+        // Medoids that answered nothing (down, or unreachable from here)
+        // leave their cluster unexplored: replace each by its nearest
+        // unprobed neighbour, before anything else.
+        let silent: Vec<SocketAddr> = self
+            .level
+            .iter()
+            .filter(|a| by_addr.get(*a).is_some_and(|e| !e.answered))
+            .copied()
+            .collect();
+        if !silent.is_empty() && remaining > 0 && self.replacements < self.config.budget {
+            let mut replacements: Vec<SocketAddr> = Vec::new();
+            for s in &silent {
+                let at = self.known[s];
+                let nearest = self
+                    .known
+                    .iter()
+                    .filter(|(a, _)| by_addr.get(*a).is_some_and(|e| !e.probed))
+                    .filter(|(a, _)| !replacements.contains(a) && !batch.contains(a))
+                    .min_by(|x, y| {
+                        distance(x.1, &at)
+                            .total_cmp(&distance(y.1, &at))
+                            .then(x.0.cmp(y.0))
+                    });
+                if let Some((a, _)) = nearest {
+                    replacements.push(*a);
+                }
+            }
+            self.replacements += replacements.len();
+            if winner.is_none() || remaining <= self.config.step {
+                batch = replacements;
+            } else {
+                // Keep the level's size: replacements first.
+                let keep = batch.len().saturating_sub(replacements.len());
+                batch.truncate(keep);
+                replacements.extend(batch);
+                batch = replacements;
+            }
+        }
+        if batch.is_empty() {
+            // The last round: the most promising by prediction, anywhere.
+            batch = ranked
+                .iter()
+                .take(self.config.step.max(1))
+                .map(|&(_, _, a)| a)
+                .collect();
+        }
+        batch.truncate(remaining);
+        if batch.is_empty() || selector.probe_now(&batch, now) == 0 {
+            self.stage = Stage::Done;
+            return false;
+        }
+        self.level = batch;
+        true
+    }
+
+    /// Whether the guide has finished: the budget is spent, nothing is left
+    /// to probe, or it never started for want of coordinates.
+    pub fn is_done(&self) -> bool {
+        self.stage == Stage::Done
+    }
+
+    /// The client's fitted coordinates, once a guided round answered.
+    pub fn own_coords(&self) -> Option<Coords> {
+        self.own
+    }
+
+    /// The predicted client-relay RTT (ms) for a relay at `relay`.
+    pub fn predict_rtt(&self, relay: &Coords) -> Option<f64> {
+        let d = distance(self.own.as_ref()?, relay);
+        d.is_finite().then_some(d)
+    }
+
+    /// The predicted score (ms): client-relay RTT plus the relay's RTT to
+    /// the origin as the guide models it.
+    pub fn predict_score(&self, relay: &Coords) -> Option<f64> {
+        let rtt = self.predict_rtt(relay)?;
+        let origin = match self.origin {
+            OriginModel::Unknown => 0.0,
+            OriginModel::Constant(v) => v,
+            OriginModel::At(o) => {
+                let d = distance(&o, relay);
+                if !d.is_finite() {
+                    return None;
+                }
+                d
+            }
+        };
+        Some(rtt + origin)
+    }
+
+    /// Fits the client's and the origin's points to what the selector
+    /// measured and heard.
+    fn refit(&mut self, selector: &Selector) {
+        let mut own = Vec::new();
+        let mut origin = Vec::new();
+        for e in selector.estimates() {
+            let Some(coords) = e.coords.or_else(|| self.known.get(&e.addr).copied()) else {
+                continue;
+            };
+            if let (true, Some(rtt)) = (e.answered, e.rtt_min) {
+                own.push((coords, rtt.as_secs_f64() * 1000.0));
+            }
+            if let Some(o) = e.origin_rtt {
+                origin.push((coords, o.as_secs_f64() * 1000.0));
+            }
+        }
+        if let Some(c) = fit(&own) {
+            self.own = Some(c);
+        }
+        if !origin.is_empty() {
+            let mut values: Vec<f64> = origin.iter().map(|(_, v)| *v).collect();
+            values.sort_by(f64::total_cmp);
+            let median = values[values.len() / 2];
+            // Relays that all report about the same (no origin: 0) say
+            // nothing about where it is; fitting a point to equal
+            // distances would only add noise.
+            let equal = values[values.len() - 1] - values[0] < 1.0;
+            self.origin = match (equal, fit(&origin)) {
+                (false, Some(at)) => OriginModel::At(at),
+                _ => OriginModel::Constant(median),
+            };
+        }
+    }
+}
+
+/// Milliseconds as a duration, `None` unless finite and non-negative.
+fn millis(ms: f64) -> Option<Duration> {
+    Duration::try_from_secs_f64(ms / 1000.0).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::select::Config;
+    use proptest::prelude::*;
+    use proto::msg::Pong;
+
+    /// `n` nodes in a 300 x 300 ms plane with heights of 1 to 10 ms: a
+    /// matrix the model can represent exactly.
+    fn geometric(n: usize, seed: u64) -> Vec<Coords> {
+        let mut rng = seed;
+        (0..n)
+            .map(|_| {
+                [
+                    (unit(&mut rng) * 300.0) as f32,
+                    (unit(&mut rng) * 300.0) as f32,
+                    (1.0 + unit(&mut rng) * 9.0) as f32,
+                ]
+            })
+            .collect()
+    }
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
+    /// Runs Vivaldi on every node of `truth` for `rounds` rounds, each node
+    /// sampling one random peer per round with up to `jitter` ms of
+    /// queueing added; returns the median relative error over all pairs.
+    fn converge(truth: &[Coords], rounds: usize, jitter: f64, seed: u64) -> f64 {
+        let n = truth.len();
+        let mut nodes: Vec<Vivaldi> = (0..n)
+            .map(|i| {
+                Vivaldi::new(VivaldiConfig {
+                    seed: seed ^ i as u64,
+                    ..VivaldiConfig::default()
+                })
+            })
+            .collect();
+        let mut rng = seed;
+        for _ in 0..rounds {
+            for i in 0..n {
+                let j = (unit(&mut rng) * n as f64) as usize % n;
+                if i == j {
+                    continue;
+                }
+                let rtt = distance(&truth[i], &truth[j]) + unit(&mut rng) * jitter;
+                let (c, e) = (nodes[j].coords(), nodes[j].error());
+                nodes[i].observe(rtt, &c, e);
+            }
+        }
+        let mut errors = Vec::new();
+        for i in 0..n {
+            for j in i + 1..n {
+                let real = distance(&truth[i], &truth[j]);
+                let predicted = distance(&nodes[i].coords(), &nodes[j].coords());
+                errors.push((predicted - real).abs() / real);
+            }
+        }
+        median(errors)
+    }
+
+    #[test]
+    fn distance_is_plane_plus_heights_and_never_nan() {
+        let a = [0.0, 0.0, 2.0];
+        let b = [3.0, 4.0, 1.0];
+        assert_eq!(distance(&a, &b), 8.0);
+        assert_eq!(distance(&b, &a), 8.0);
+        assert_eq!(distance(&a, &a), 4.0, "a node's own access link, twice");
+        assert_eq!(distance(&[0.0, 0.0, -5.0], &[0.0, 0.0, 0.0]), 0.0);
+        assert_eq!(distance(&[f32::NAN, 0.0, 0.0], &b), f64::INFINITY);
+        assert_eq!(distance(&a, &[0.0, f32::INFINITY, 0.0]), f64::INFINITY);
+        let far = distance(&[f32::MAX, f32::MAX, f32::MAX], &[-f32::MAX, 0.0, 0.0]);
+        assert!(far.is_finite() && far > 0.0, "{far}");
+    }
+
+    #[test]
+    fn bad_samples_are_refused_and_change_nothing() {
+        let mut v = Vivaldi::new(VivaldiConfig::default());
+        assert!(v.observe(50.0, &[10.0, 0.0, 1.0], 0.5));
+        let (before, error) = (v.coords(), v.error());
+        for rtt in [f64::NAN, f64::INFINITY, -1.0, 0.0, 1e9] {
+            assert!(!v.observe(rtt, &[10.0, 0.0, 1.0], 0.5), "{rtt}");
+        }
+        assert!(!v.observe(20.0, &[f32::NAN, 0.0, 1.0], 0.5));
+        assert_eq!((v.coords(), v.error()), (before, error));
+        // A non-finite remote error is the largest, not a failure.
+        assert!(v.observe(20.0, &[10.0, 0.0, 1.0], f64::NAN));
+        assert!(v.coords().iter().all(|c| c.is_finite()));
+        assert_eq!(v.samples(), 2);
+    }
+
+    #[test]
+    fn coinciding_nodes_split() {
+        let mut v = Vivaldi::new(VivaldiConfig::default());
+        assert!(v.observe(40.0, &[0.0, 0.0, 0.1], 1.5));
+        let d = distance(&v.coords(), &[0.0, 0.0, 0.1]);
+        assert!(d > 5.0, "moved away: predicted {d} ms");
+    }
+
+    /// The convergence bound. Over 40 nodes of an exactly representable
+    /// matrix with 0 to 5 ms of queueing, 200 rounds (200 samples a node)
+    /// leave a median relative error of 1.5 to 13% over 200 seeds (median
+    /// 2.7%, 99th percentile 12.3%; measured once with a throwaway loop
+    /// over `converge`). Vivaldi keeps moving with every noisy sample, so
+    /// it never settles to zero; the slow seeds are layouts whose embedding
+    /// starts folded. After 2 rounds the error is 70 to 76% (50 seeds): a
+    /// broken update would stay there, so 15% separates the two cleanly.
+    const CONVERGED: f64 = 0.15;
+
+    #[test]
+    fn converges_on_a_geometric_matrix() {
+        let truth = geometric(40, 7);
+        let error = converge(&truth, 200, 5.0, 7);
+        assert!(error < CONVERGED, "median relative error {error}");
+        // Before converging it is far off: the test can fail.
+        let early = converge(&truth, 2, 5.0, 7);
+        assert!(early > 0.3, "median relative error after 2 rounds {early}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        #[test]
+        fn converges_for_any_seed(seed in any::<u64>()) {
+            let truth = geometric(40, seed);
+            let error = converge(&truth, 200, 5.0, seed);
+            prop_assert!(error < CONVERGED, "median relative error {}", error);
+        }
+
+        #[test]
+        fn no_input_makes_coordinates_non_finite(
+            samples in prop::collection::vec(
+                (any::<f64>(), any::<f32>(), any::<f32>(), any::<f32>(), any::<f64>()),
+                1..64,
+            )
+        ) {
+            let mut v = Vivaldi::new(VivaldiConfig::default());
+            for (rtt, x, y, h, e) in samples {
+                v.observe(rtt, &[x, y, h], e);
+                prop_assert!(v.coords().iter().all(|c| c.is_finite()));
+                prop_assert!(v.error().is_finite());
+                let d = distance(&v.coords(), &[x, y, h]);
+                prop_assert!(!d.is_nan());
+            }
+        }
+
+        #[test]
+        fn fit_never_returns_non_finite_coordinates(
+            samples in prop::collection::vec(
+                ((any::<f32>(), any::<f32>(), any::<f32>()), any::<f64>()),
+                0..12,
+            )
+        ) {
+            let samples: Vec<(Coords, f64)> =
+                samples.into_iter().map(|((x, y, h), r)| ([x, y, h], r)).collect();
+            if let Some(c) = fit(&samples) {
+                prop_assert!(c.iter().all(|v| v.is_finite()));
+            }
+        }
+    }
+
+    #[test]
+    fn fit_places_a_point_from_a_few_rtts() {
+        let truth = geometric(12, 3);
+        let client: Coords = [140.0, 90.0, 6.0];
+        let samples: Vec<(Coords, f64)> = truth[..5]
+            .iter()
+            .map(|c| (*c, distance(&client, c)))
+            .collect();
+        let placed = fit(&samples).unwrap();
+        // Predictions to the other relays: within 5% (exact data; the
+        // residual is where the descent stops).
+        for c in &truth[5..] {
+            let (real, predicted) = (distance(&client, c), distance(&placed, c));
+            assert!(
+                (predicted - real).abs() < 0.05 * real,
+                "{real} vs {predicted}"
+            );
+        }
+        assert_eq!(fit(&[]), None);
+        assert_eq!(fit(&[([0.0, 0.0, 0.0], f64::NAN)]), None);
+    }
+
+    #[test]
+    fn spread_picks_one_representative_per_cluster() {
+        // Three clusters, one with a far outlier; a NaN point.
+        let mut points: Vec<Coords> = Vec::new();
+        for (cx, cy) in [(0.0, 0.0), (100.0, 0.0), (0.0, 100.0)] {
+            for k in 0..5 {
+                points.push([cx + k as f32, cy + (k * k) as f32 % 3.0, 1.0]);
+            }
+        }
+        points.push([-60.0, -60.0, 1.0]); // outlier of the first cluster
+        points.push([f32::NAN, 0.0, 0.0]);
+        let picked = spread(&points, 3);
+        assert_eq!(picked.len(), 3, "{picked:?}");
+        let cluster = |i: usize| i / 5;
+        let mut clusters: Vec<usize> = picked.iter().map(|&i| cluster(i)).collect();
+        clusters.sort_unstable();
+        assert_eq!(
+            clusters,
+            [0, 1, 2],
+            "one per cluster, not the outlier: {picked:?}"
+        );
+        assert_eq!(spread(&points, 0), Vec::<usize>::new());
+        assert_eq!(spread(&points, 100).len(), 16, "all valid points, once");
+        assert_eq!(spread(&points, 3), picked, "deterministic");
+    }
+
+    #[test]
+    fn region_hints_put_the_same_region_first() {
+        assert_eq!(
+            region_hint("eu-west", "EU-WEST"),
+            Some(Duration::from_millis(10))
+        );
+        assert_eq!(
+            region_hint("eu-west", "eu-central"),
+            Some(Duration::from_millis(50))
+        );
+        assert_eq!(region_hint("eu-west", "us-east"), None);
+        assert_eq!(region_hint("", "eu"), None);
+        let addr = |i: u8| SocketAddr::from(([127, 0, 0, i], 4435));
+        let mut cs: Vec<Candidate> = (1..=3).map(|i| Candidate::new(addr(i), addr(i))).collect();
+        cs[0].region = Some("us-east".into());
+        cs[1].region = Some("eu-west".into());
+        cs[2].hint = Some(Duration::from_millis(3));
+        apply_region_hints("eu-west", &mut cs);
+        assert_eq!(cs[0].hint, None);
+        assert_eq!(cs[1].hint, Some(Duration::from_millis(10)));
+        assert_eq!(cs[2].hint, Some(Duration::from_millis(3)), "kept");
+    }
+
+    /// A guided selector among 60 relays of a geometric matrix, exact RTTs
+    /// and no loss: it probes the budget and no more, and chooses within
+    /// max(5 ms, 10%) of the best.
+    #[test]
+    fn the_guide_probes_within_its_budget_and_finds_the_best() {
+        let relays = geometric(60, 11);
+        let addr = |i: usize| SocketAddr::from(([10, 0, 0, i as u8 + 1], 4435));
+        for client in [
+            [20.0f32, 20.0, 4.0],
+            [150.0, 150.0, 8.0],
+            [290.0, 10.0, 2.0],
+        ] {
+            let t0 = Instant::now();
+            let candidates = (0..relays.len())
+                .map(|i| Candidate::new(addr(i), addr(i)))
+                .collect();
+            let mut sel = Selector::new(Config::default(), candidates, t0);
+            let mut guide = Guide::new(
+                GuideConfig::default(),
+                relays.iter().enumerate().map(|(i, c)| (addr(i), *c)),
+            );
+            assert_eq!(guide.start(&mut sel, t0), 4, "the medoids");
+            let mut pending: Vec<(Instant, usize, Pong)> = Vec::new();
+            let mut now = t0;
+            for _ in 0..10_000 {
+                if guide.is_done() && !sel.probing() {
+                    break;
+                }
+                for (_, i, pong) in pending.iter().filter(|p| p.0 <= now) {
+                    sel.handle_pong(addr(*i), pong, now);
+                }
+                pending.retain(|p| p.0 > now);
+                sel.handle_timeout(now);
+                guide.poll(&mut sel, now);
+                while let Some((to, ping)) = sel.poll_transmit(now) {
+                    let i = (0..relays.len()).find(|&i| addr(i) == to).unwrap();
+                    let rtt = distance(&client, &relays[i]);
+                    let pong = Pong {
+                        nonce: ping.nonce,
+                        sent_us: ping.sent_us,
+                        relay_id: format!("r{i}"),
+                        region: String::new(),
+                        load: 0,
+                        origin_rtt_us: 0,
+                        coords: Some(relays[i]),
+                    };
+                    let at = now + Duration::from_secs_f64(rtt / 1000.0);
+                    pending.push((at, i, pong));
+                }
+                let next = pending.iter().map(|p| p.0).chain(sel.poll_timeout()).min();
+                now = next.expect("something is planned while guiding");
+            }
+            assert!(guide.is_done());
+            let probed = sel.estimates().iter().filter(|e| e.probed).count();
+            assert_eq!(probed, 8, "client {client:?}");
+            let truth = |i: usize| distance(&client, &relays[i]);
+            let best = (0..relays.len()).map(truth).fold(f64::INFINITY, f64::min);
+            let chosen = sel.best().unwrap();
+            let chosen = truth((0..relays.len()).find(|&i| addr(i) == chosen).unwrap());
+            // The issue's criterion: within max(5 ms, 10%) of the best.
+            assert!(
+                chosen <= best + 5f64.max(0.1 * best),
+                "chose {chosen} ms, best {best} ms"
+            );
+            let own = guide.own_coords().unwrap();
+            let planar = (own[0] - client[0]).hypot(own[1] - client[1]);
+            assert!(planar < 20.0, "placed at {own:?}");
+        }
+    }
+}
