@@ -5,13 +5,23 @@
 //! clients connect to `--listen` and reach `--forward` through it. It prints
 //! the link's counters every second on stderr until Ctrl-C or SIGTERM, then
 //! a summary.
+//!
+//! `lab route` runs the real relay selector for every client of a latency
+//! matrix, in simulated time (see [`lab::route`] for the model and
+//! [`lab::matrix`] for the CSV format), and reports how often clients chose
+//! the best relay, their regret, and what probing cost: a table, or one
+//! JSON object with `--json`. `--compare` adds the baselines (eight relays
+//! by region hints, eight without hints, every relay) to the same run.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use lab::link::{Direction, DirectionStats, Link, LinkConfig, LinkStats};
+use lab::matrix::Matrix;
+use lab::route::{Network, Report, RouteConfig, Strategy};
 use tokio::time::{Instant, MissedTickBehavior};
 
 /// The `lab` subcommands.
@@ -21,6 +31,49 @@ pub enum Command {
     /// `--listen`, the link delays, jitters, drops, reorders and
     /// rate-limits each direction, and forwards to `--forward`.
     Link(LinkArgs),
+    /// Run the relay selector for every client of a latency matrix, in
+    /// simulated time, and report how well it chose and what it probed.
+    Route(RouteArgs),
+}
+
+/// Arguments of `lab route`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RouteArgs {
+    /// The latency matrix: CSV `a,b,rtt_ms`, one pair a line, symmetric,
+    /// header optional, missing pairs unreachable.
+    #[arg(long)]
+    pub matrix: PathBuf,
+    /// The relays, by node name (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "relays_from_matrix"
+    )]
+    pub relays: Vec<String>,
+    /// Every node whose name starts with this prefix is a relay (with the
+    /// shipped lab/data/world.csv: `r-`).
+    #[arg(long, conflicts_with = "relays")]
+    pub relays_from_matrix: Option<String>,
+    /// The origin node: a relay's score counts its RTT to it (default: no
+    /// origin, RTT 0).
+    #[arg(long)]
+    pub origin: Option<String>,
+    /// Extra delay per probe, uniform in [0, J) milliseconds.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_ms)]
+    pub jitter_ms: f64,
+    /// Probability that a probe or its pong is lost, 0 to 1.
+    #[arg(long, default_value_t = 0.02, value_parser = parse_share)]
+    pub loss: f64,
+    /// Seed of every draw: the same seed gives the same report.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Also run the baselines: region hints, no hints (8 relays each), and
+    /// every relay probed.
+    #[arg(long)]
+    pub compare: bool,
+    /// One JSON object on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `lab link`. The conditions apply to both directions; the
@@ -226,9 +279,153 @@ pub async fn serve(
     Ok(stats)
 }
 
+/// The relays and origin `args` name, as matrix nodes.
+fn route_config(matrix: &Matrix, args: &RouteArgs) -> anyhow::Result<RouteConfig> {
+    let relays: Vec<usize> = match &args.relays_from_matrix {
+        Some(prefix) => {
+            let relays = lab::route::nodes_with_prefix(matrix, prefix);
+            anyhow::ensure!(
+                !relays.is_empty(),
+                "no node of the matrix starts with {prefix:?}"
+            );
+            relays
+        }
+        None => args
+            .relays
+            .iter()
+            .filter(|name| !name.trim().is_empty())
+            .map(|name| {
+                matrix
+                    .node(name)
+                    .with_context(|| format!("relay {name:?} is not in the matrix"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let origin = match &args.origin {
+        Some(name) => Some(
+            matrix
+                .node(name)
+                .with_context(|| format!("origin {name:?} is not in the matrix"))?,
+        ),
+        None => None,
+    };
+    Ok(RouteConfig {
+        jitter_ms: args.jitter_ms,
+        loss: args.loss,
+        seed: args.seed,
+        ..RouteConfig::new(relays, origin)
+    })
+}
+
+/// The strategies a `lab route` run compares: coordinates first.
+fn strategies(compare: bool) -> Vec<Strategy> {
+    let mut all = vec![Strategy::coords()];
+    if compare {
+        all.extend([Strategy::region(), Strategy::unhinted(), Strategy::all()]);
+    }
+    all
+}
+
+/// Runs `lab route`: the reports, coordinates first, and the relays'
+/// coordinate quality. Progress goes to stderr when the run takes more
+/// than a second.
+pub fn route(args: &RouteArgs) -> anyhow::Result<(Vec<Report>, lab::route::CoordsQuality)> {
+    let started = std::time::Instant::now();
+    let matrix = Matrix::from_file(&args.matrix)?;
+    let config = route_config(&matrix, args)?;
+    let net = Network::new(&matrix, config).context("cannot simulate")?;
+    let quality = net.coords_quality();
+    let strategies = strategies(args.compare);
+    let mut reports = Vec::with_capacity(strategies.len());
+    let mut shown = false;
+    for strategy in &strategies {
+        let mut progress = |done: usize, total: usize| {
+            if started.elapsed() > Duration::from_secs(1) && (done % 25 == 0 || done == total) {
+                eprint!("\r{}: {done}/{total} clients", strategy.name);
+                shown = true;
+            }
+        };
+        reports.push(net.run(strategy, &mut progress));
+    }
+    if shown {
+        eprintln!();
+    }
+    Ok((reports, quality))
+}
+
+/// The human-readable table of a `lab route` run.
+pub fn route_table(reports: &[Report], quality: &lab::route::CoordsQuality) -> String {
+    let mut out = String::new();
+    if let Some(r) = reports.first() {
+        out += &format!(
+            "{} clients ({} unserved: no usable relay), {} relays; relay coordinates off by {:.1}% (median), {:.1}% (p90)\n",
+            r.clients,
+            r.unserved,
+            r.relays,
+            quality.relay_pairs_p50 * 100.0,
+            quality.relay_pairs_p90 * 100.0
+        );
+    }
+    out += &format!(
+        "{:<10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>7} {:>8} {:>9}\n",
+        "strategy", "best", "near", "p50 ms", "p95 ms", "max ms", "probed", "packets", "decide ms"
+    );
+    for r in reports {
+        out += &format!(
+            "{:<10} {:>5.1}% {:>5.1}% {:>8.1} {:>8.1} {:>8.1} {:>7.1} {:>8.1} {:>9.0}\n",
+            r.strategy,
+            r.best_share * 100.0,
+            r.near_best_share * 100.0,
+            r.regret_p50_ms,
+            r.regret_p95_ms,
+            r.regret_max_ms,
+            r.relays_probed_per_client,
+            r.probe_packets_per_client,
+            r.decision_p50_ms
+        );
+    }
+    out += "near: within max(5 ms, 10%) of the best score (RTT to the relay + relay to origin)\n";
+    out
+}
+
+/// The `--json` object: the coordinates run's fields at the top, the
+/// baselines (with `--compare`) under `baselines`.
+pub fn route_json(reports: &[Report], quality: &lab::route::CoordsQuality) -> serde_json::Value {
+    let mut object = reports
+        .first()
+        .map(|r| serde_json::to_value(r).unwrap_or_default())
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Some(map) = object.as_object_mut() {
+        map.insert(
+            "relay_coords_error_p50".into(),
+            serde_json::json!(quality.relay_pairs_p50),
+        );
+        map.insert(
+            "relay_coords_error_p90".into(),
+            serde_json::json!(quality.relay_pairs_p90),
+        );
+        if reports.len() > 1 {
+            map.insert(
+                "baselines".into(),
+                serde_json::to_value(&reports[1..]).unwrap_or_default(),
+            );
+        }
+    }
+    object
+}
+
 /// Runs a `lab` subcommand.
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Route(args) => {
+            let (reports, quality) = route(&args)?;
+            if args.json {
+                println!("{}", route_json(&reports, &quality));
+            } else {
+                print!("{}", route_table(&reports, &quality));
+            }
+            Ok(())
+        }
         Command::Link(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -289,6 +486,109 @@ mod tests {
         let plain = link_args(&[]).config();
         assert_eq!(plain.up, Direction::default());
         assert_eq!(plain.down, Direction::default());
+    }
+
+    fn route_args(extra: &[&str]) -> Result<RouteArgs, clap::Error> {
+        let mut argv = vec!["statecast", "lab", "route"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Top::Lab(Command::Route(args)) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn world() -> String {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../lab/data/world.csv").to_string()
+    }
+
+    #[test]
+    fn route_takes_a_relay_list_or_a_prefix() {
+        let args =
+            route_args(&["--matrix", "m.csv", "--relays", "a,b,c", "--origin", "o"]).unwrap();
+        assert_eq!(args.relays, ["a", "b", "c"]);
+        assert_eq!((args.jitter_ms, args.loss, args.seed), (5.0, 0.02, 1));
+        let args = route_args(&["--matrix", "m.csv", "--relays-from-matrix", "r-"]).unwrap();
+        assert_eq!(args.relays_from_matrix.as_deref(), Some("r-"));
+        // One of the two, not both, not neither; conditions checked.
+        assert!(route_args(&["--matrix", "m.csv"]).is_err());
+        assert!(
+            route_args(&[
+                "--matrix",
+                "m.csv",
+                "--relays",
+                "a",
+                "--relays-from-matrix",
+                "r-"
+            ])
+            .is_err()
+        );
+        assert!(route_args(&["--matrix", "m.csv", "--relays", "a", "--loss", "2"]).is_err());
+        assert!(route_args(&["--matrix", "m.csv", "--relays", "a", "--jitter-ms", "-1"]).is_err());
+    }
+
+    #[test]
+    fn route_names_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.csv");
+        std::fs::write(&path, "r-a-1,c-a-1,10\nr-a-1,c-a-2,oops\n").unwrap();
+        let m = path.to_str().unwrap();
+        let error = route(&route_args(&["--matrix", m, "--relays", "r-a-1"]).unwrap()).unwrap_err();
+        assert!(error.to_string().contains("line 2"), "{error}");
+        std::fs::write(&path, "r-a-1,c-a-1,10\n").unwrap();
+        let error =
+            route(&route_args(&["--matrix", m, "--relays", "r-a-1,nope"]).unwrap()).unwrap_err();
+        assert!(
+            error.to_string().contains("\"nope\" is not in the matrix"),
+            "{error}"
+        );
+        let error =
+            route(&route_args(&["--matrix", m, "--relays", "r-a-1", "--origin", "x"]).unwrap())
+                .unwrap_err();
+        assert!(error.to_string().contains("origin \"x\""), "{error}");
+        let error = route(&route_args(&["--matrix", m, "--relays-from-matrix", "z-"]).unwrap())
+            .unwrap_err();
+        assert!(error.to_string().contains("\"z-\""), "{error}");
+    }
+
+    #[test]
+    fn route_reports_the_issue_fields_as_json_and_a_table() {
+        // The shipped matrix, with the relays of two regions only: quick.
+        let args = route_args(&[
+            "--matrix",
+            &world(),
+            "--relays-from-matrix",
+            "r-eu",
+            "--origin",
+            "o-euc",
+            "--compare",
+            "--json",
+        ])
+        .unwrap();
+        let (reports, quality) = route(&args).unwrap();
+        assert_eq!(reports.len(), 4);
+        let json = route_json(&reports, &quality);
+        for field in [
+            "clients",
+            "best_share",
+            "near_best_share",
+            "regret_p50_ms",
+            "regret_p95_ms",
+            "relays_probed_per_client",
+            "probe_packets_per_client",
+        ] {
+            assert!(json[field].is_number(), "{field} in {json}");
+        }
+        assert_eq!(json["relays"], 30);
+        assert!(json["clients"].as_u64().unwrap() >= 290);
+        assert!(json["relays_probed_max"].as_u64().unwrap() <= 8);
+        let baselines = json["baselines"].as_array().unwrap();
+        assert_eq!(baselines.len(), 3);
+        assert_eq!(baselines[2]["strategy"], "all");
+        assert_eq!(baselines[2]["relays_probed_per_client"], 30.0);
+        let table = route_table(&reports, &quality);
+        for name in ["coords", "region", "unhinted", "all"] {
+            assert!(table.contains(name), "{table}");
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub enum Command {
     /// Run an origin with a built-in world and show what it sends, live.
     Demo(demo::Args),
     /// Lab tools: emulate network links (delay, jitter, loss, rate) on
-    /// one machine.
+    /// one machine; run the relay selector against a latency matrix.
     #[command(subcommand)]
     Lab(lab_cmd::Command),
     /// Run an origin: a world's authoritative simulation, served to relays.
