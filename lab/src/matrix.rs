@@ -435,6 +435,10 @@ const ORIGINS: &[(&str, usize, (f64, f64))] = &[
 const MIAMI: (f64, f64) = (25.8, -80.2);
 const LONDON: (f64, f64) = (51.5, -0.1);
 
+/// A node of [`synthetic`]: name, region, (latitude, longitude), access
+/// delay in ms, whether it is a client.
+type Node = (String, usize, (f64, f64), f64, bool);
+
 /// Great-circle distance in km.
 fn km(a: (f64, f64), b: (f64, f64)) -> f64 {
     let (la, lb) = (a.0.to_radians(), b.0.to_radians());
@@ -498,8 +502,7 @@ impl Default for Synthetic {
 /// pairs (unreachable relays).
 pub fn synthetic(params: &Synthetic) -> Matrix {
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-    // (name, region, position, access ms, is client)
-    let mut nodes: Vec<(String, usize, (f64, f64), f64, bool)> = Vec::new();
+    let mut nodes: Vec<Node> = Vec::new();
     for (r, region) in REGIONS.iter().enumerate() {
         for i in 0..region.relays * params.relay_scale {
             let city = region.cities[rng.random_range(0..region.cities.len())];

@@ -292,6 +292,9 @@ pub struct Network<'m> {
     clients: Vec<usize>,
 }
 
+/// A pong on its way: (arrival, sequence, relay, nonce, sent_us).
+type Arrival = (Instant, u64, usize, u64, u64);
+
 /// One client's outcome.
 struct Outcome {
     client: usize,
@@ -311,9 +314,9 @@ impl<'m> Network<'m> {
         if config.relays.len() > 1 << 16 {
             return Err(RouteError::TooManyRelays);
         }
-        if !(config.jitter_ms.is_finite() && (0.0..=10_000.0).contains(&config.jitter_ms))
-            || !(0.0..=1.0).contains(&config.loss)
-        {
+        let jitter_ok =
+            config.jitter_ms.is_finite() && (0.0..=10_000.0).contains(&config.jitter_ms);
+        if !jitter_ok || !(0.0..=1.0).contains(&config.loss) {
             return Err(RouteError::Conditions);
         }
         let mut is_relay = vec![false; matrix.len()];
@@ -590,8 +593,7 @@ impl<'m> Network<'m> {
             g.start(&mut sel, t0);
             g
         });
-        // (arrival, sequence, relay, nonce, sent_us)
-        let mut arrivals: BinaryHeap<Reverse<(Instant, u64, usize, u64, u64)>> = BinaryHeap::new();
+        let mut arrivals: BinaryHeap<Reverse<Arrival>> = BinaryHeap::new();
         let mut seq = 0u64;
         let mut now = t0;
         let horizon = t0 + Duration::from_secs(600);
