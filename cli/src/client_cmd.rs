@@ -295,7 +295,7 @@ async fn drive(args: &Args) -> anyhow::Result<Summary> {
     summary.session = Some(welcome.session);
 
     let started = Instant::now();
-    let (ended, error) = run_session(&mut session, args, started).await;
+    let (ended, error) = run_events(&mut session, args, started).await;
     summary.duration_s = started.elapsed().as_secs_f64();
     summary.stats = session.stats().clone();
     summary.ended = ended;
@@ -306,10 +306,98 @@ async fn drive(args: &Args) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-/// Handles events until the end; returns why it ended and, if it failed,
-/// how.
-async fn run_session(
-    session: &mut Session,
+/// What a run reads events from: one session, or a roamer.
+trait Source {
+    /// Waits for the next event and handles it; `Some((ended, error))`
+    /// when the run is over.
+    async fn step(&mut self, window: &mut Window) -> Option<(String, Option<String>)>;
+    /// The counters, and the relay in use if worth showing.
+    fn status(&self) -> (Stats, Option<String>);
+}
+
+impl Source for Session {
+    async fn step(&mut self, window: &mut Window) -> Option<(String, Option<String>)> {
+        match self.next_event().await {
+            Ok(SessionEvent::Applied { latency_us, .. }) => {
+                if let Some(us) = latency_us {
+                    window.latency.record_us(us);
+                }
+            }
+            Ok(SessionEvent::Divergence {
+                tick,
+                expected,
+                got,
+            }) => {
+                tracing::warn!(tick, %expected, %got, "state diverged from the origin's hash");
+            }
+            Ok(SessionEvent::Goaway(goaway)) => {
+                tracing::warn!(
+                    reason = %goaway.reason,
+                    redirect = ?goaway.redirect,
+                    deadline_ms = goaway.deadline_ms,
+                    "the relay is draining (this client does not fail over)"
+                );
+            }
+            Ok(SessionEvent::Closed { code, reason }) => {
+                let ended = format!("the relay ended the session: {reason}");
+                let failed = code != Some(ErrorCode::Normal);
+                let detail = code.map_or("connection lost".to_owned(), |c| c.to_string());
+                return Some((ended.clone(), failed.then(|| format!("{ended} ({detail})"))));
+            }
+            Err(error) => return Some(("session error".to_owned(), Some(error.to_string()))),
+            // Other relays (a directory): --relay uses this relay only.
+            #[allow(unreachable_patterns)]
+            Ok(_) => {}
+        }
+        None
+    }
+
+    fn status(&self) -> (Stats, Option<String>) {
+        (self.stats().clone(), None)
+    }
+}
+
+impl Source for Roamer {
+    async fn step(&mut self, window: &mut Window) -> Option<(String, Option<String>)> {
+        match self.next_event().await {
+            Ok(RoamEvent::Applied { latency_us, .. }) => {
+                if let Some(us) = latency_us {
+                    window.latency.record_us(us);
+                }
+            }
+            Ok(RoamEvent::Divergence {
+                tick,
+                expected,
+                got,
+            }) => {
+                tracing::warn!(tick, %expected, %got, "state diverged from the origin's hash");
+            }
+            Ok(RoamEvent::Moved(m)) => {
+                tracing::info!(
+                    from = %m.from,
+                    to = %m.to,
+                    region = %m.to_region,
+                    reason = %m.reason,
+                    gap_ms = format_args!("{:.0}", m.gap_ms),
+                    keyframe = m.keyframe,
+                    "moved to another relay"
+                );
+            }
+            Err(error) => return Some(("session error".to_owned(), Some(error.to_string()))),
+        }
+        None
+    }
+
+    fn status(&self) -> (Stats, Option<String>) {
+        let relay = self.relay().map(|r| format!("{} ({})", r.addr, r.region));
+        (self.stats().session, relay)
+    }
+}
+
+/// Handles events until the end (the source's, `--duration`, Ctrl-C) with
+/// a status line on stderr; returns why it ended and, if it failed, how.
+async fn run_events(
+    source: &mut impl Source,
     args: &Args,
     started: Instant,
 ) -> (String, Option<String>) {
@@ -329,40 +417,15 @@ async fn run_session(
     );
     status.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut window = Window::new(started);
-
     let outcome = loop {
         tokio::select! {
-            event = session.next_event() => match event {
-                Ok(SessionEvent::Applied { latency_us, .. }) => {
-                    if let Some(us) = latency_us {
-                        window.latency.record_us(us);
-                    }
-                }
-                Ok(SessionEvent::Divergence { tick, expected, got }) => {
-                    tracing::warn!(tick, %expected, %got, "state diverged from the origin's hash");
-                }
-                Ok(SessionEvent::Goaway(goaway)) => {
-                    tracing::warn!(
-                        reason = %goaway.reason,
-                        redirect = ?goaway.redirect,
-                        deadline_ms = goaway.deadline_ms,
-                        "the relay is draining (this client does not fail over)"
-                    );
-                }
-                Ok(SessionEvent::Closed { code, reason }) => {
-                    let ended = format!("the relay ended the session: {reason}");
-                    let failed = code != Some(ErrorCode::Normal);
-                    let detail = code.map_or("connection lost".to_owned(), |c| c.to_string());
-                    break (ended.clone(), failed.then(|| format!("{ended} ({detail})")));
-                }
-                Err(error) => {
-                    break ("session error".to_owned(), Some(error.to_string()));
-                }
-                // Other relays (a directory): --relay uses this relay only.
-                #[allow(unreachable_patterns)]
-                Ok(_) => {}
+            ended = source.step(&mut window) => if let Some(outcome) = ended {
+                break outcome;
             },
-            _ = status.tick() => window.report(session.stats(), None, terminal),
+            _ = status.tick() => {
+                let (stats, relay) = source.status();
+                window.report(&stats, relay.as_deref(), terminal);
+            }
             _ = &mut stop => break ("duration reached".to_owned(), None),
             _ = &mut ctrl_c => break ("interrupted".to_owned(), None),
         }
@@ -589,7 +652,7 @@ async fn drive_roaming(args: &Args) -> anyhow::Result<Summary> {
         );
         summary.session = Some(session.session_id());
     }
-    let (ended, error) = run_roamer(&mut roamer, args, started).await;
+    let (ended, error) = run_events(&mut roamer, args, started).await;
     let stats: RoamStats = roamer.stats();
     summary.duration_s = started.elapsed().as_secs_f64();
     summary.relay = stats.relay.clone().unwrap_or(summary.relay);
@@ -607,68 +670,6 @@ async fn drive_roaming(args: &Args) -> anyhow::Result<Summary> {
     roamer.close().await;
     let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
     Ok(summary)
-}
-
-/// Handles a roamer's events until the end; returns why it ended and, if it
-/// failed, how.
-async fn run_roamer(
-    roamer: &mut Roamer,
-    args: &Args,
-    started: Instant,
-) -> (String, Option<String>) {
-    let stop = async {
-        match args.duration {
-            Some(secs) => tokio::time::sleep(Duration::from_secs_f64(secs)).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(stop);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let terminal = std::io::stderr().is_terminal();
-    let mut status = tokio::time::interval_at(
-        started + STATUS_PERIOD,
-        if terminal { STATUS_PERIOD } else { LOG_PERIOD },
-    );
-    status.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let mut window = Window::new(started);
-    let outcome = loop {
-        tokio::select! {
-            event = roamer.next_event() => match event {
-                Ok(RoamEvent::Applied { latency_us, .. }) => {
-                    if let Some(us) = latency_us {
-                        window.latency.record_us(us);
-                    }
-                }
-                Ok(RoamEvent::Divergence { tick, expected, got }) => {
-                    tracing::warn!(tick, %expected, %got, "state diverged from the origin's hash");
-                }
-                Ok(RoamEvent::Moved(m)) => {
-                    tracing::info!(
-                        from = %m.from,
-                        to = %m.to,
-                        region = %m.to_region,
-                        reason = %m.reason,
-                        gap_ms = format_args!("{:.0}", m.gap_ms),
-                        keyframe = m.keyframe,
-                        "moved to another relay"
-                    );
-                }
-                Err(error) => break ("session error".to_owned(), Some(error.to_string())),
-            },
-            _ = status.tick() => {
-                let stats = roamer.stats();
-                let relay = roamer.relay().map(|r| format!("{} ({})", r.addr, r.region));
-                window.report(&stats.session, relay.as_deref(), terminal);
-            }
-            _ = &mut stop => break ("duration reached".to_owned(), None),
-            _ = &mut ctrl_c => break ("interrupted".to_owned(), None),
-        }
-    };
-    if terminal {
-        eprintln!();
-    }
-    outcome
 }
 
 #[cfg(test)]

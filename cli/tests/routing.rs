@@ -221,6 +221,16 @@ async fn wait_ticks(bots: &[Bot], more: u64) {
     .await;
 }
 
+/// Every client of `region` moves at least once.
+async fn wait_moved(bots: &[Bot], region: usize) {
+    wait_until(&format!("the {} clients to move", REGIONS[region]), || {
+        bots.iter()
+            .filter(|b| b.region == region)
+            .all(|b| b.progress.moves.load(Ordering::Relaxed) >= 1)
+    })
+    .await;
+}
+
 /// Stops the clients and collects their results, in order.
 async fn finish(
     stop: watch::Sender<bool>,
@@ -263,34 +273,18 @@ fn check_verified(stats: &RoamStats, divergences: u64) {
     assert!(stats.session.ticks_applied >= 40, "{stats:#?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_relay_s_clients_resume_on_the_next_best_within_a_second() {
-    let data = common::scratch("routing-kill");
-    let net = network(&data).await;
-    let (stop_tx, stop) = watch::channel(false);
-    let bots = start_bots(&data, &net, &stop).await;
-    wait_ticks(&bots, 20).await;
-
-    // kill -9 the eu-west relay: no goodbye, its clients hear silence.
-    let killed = 0;
-    net.relays[killed].proc.signal("KILL");
-    let killed_at = Instant::now();
-    wait_until("the eu-west clients to move", || {
-        bots.iter()
-            .filter(|b| b.region == killed)
-            .all(|b| b.progress.moves.load(Ordering::Relaxed) >= 1)
-    })
-    .await;
-    let moved_after = killed_at.elapsed();
-    wait_ticks(&bots, 20).await;
-    let results = finish(stop_tx, bots).await;
-
-    check_local_pick(&net, &results);
-    let next_best = 1; // us-east: 80 ms from eu-west, ap-southeast is 160.
-    let rtt = Duration::from_millis(rtt_ms(killed, next_best));
-    for (region, stats, moves, divergences) in &results {
+/// Checks every client's results: all verified; the clients of `faulted`
+/// moved exactly once, to the relay of `next_best` and without a keyframe,
+/// the others not at all. Returns the moves of the faulted region.
+fn check_moves(
+    results: &[(usize, RoamStats, Vec<Move>, u64)],
+    faulted: usize,
+    next_best: usize,
+) -> Vec<Move> {
+    let mut faulted_moves = Vec::new();
+    for (region, stats, moves, divergences) in results {
         check_verified(stats, *divergences);
-        if *region != killed {
+        if *region != faulted {
             assert!(
                 moves.is_empty(),
                 "a client of {} moved: {moves:#?}",
@@ -304,11 +298,37 @@ async fn a_killed_relay_s_clients_resume_on_the_next_best_within_a_second() {
             "{} -> {}: {}, gap {:.0} ms, keyframe {}, {} attempt(s)",
             m.from_region, m.to_region, m.reason, m.gap_ms, m.keyframe, m.attempts
         );
-        assert!(matches!(m.reason, MoveReason::Lost(_)), "{m:#?}");
-        assert_eq!(m.from_region, REGIONS[killed], "{m:#?}");
+        assert_eq!(m.from_region, REGIONS[faulted], "{m:#?}");
         assert_eq!(m.to_region, REGIONS[next_best], "{m:#?}");
         assert!(!m.keyframe, "the move needed a keyframe: {m:#?}");
         assert_eq!(stats.resumed_without_keyframe, 1, "{stats:#?}");
+        faulted_moves.push(m.clone());
+    }
+    faulted_moves
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_s_clients_resume_on_the_next_best_within_a_second() {
+    let data = common::scratch("routing-kill");
+    let net = network(&data).await;
+    let (stop_tx, stop) = watch::channel(false);
+    let bots = start_bots(&data, &net, &stop).await;
+    wait_ticks(&bots, 20).await;
+
+    // kill -9 the eu-west relay: no goodbye, its clients hear silence.
+    let killed = 0;
+    net.relays[killed].proc.signal("KILL");
+    let killed_at = Instant::now();
+    wait_moved(&bots, killed).await;
+    let moved_after = killed_at.elapsed();
+    wait_ticks(&bots, 20).await;
+    let results = finish(stop_tx, bots).await;
+
+    check_local_pick(&net, &results);
+    let next_best = 1; // us-east: 80 ms from eu-west, ap-southeast is 160.
+    let rtt = Duration::from_millis(rtt_ms(killed, next_best));
+    for m in check_moves(&results, killed, next_best) {
+        assert!(matches!(m.reason, MoveReason::Lost(_)), "{m:#?}");
         // The bound: 1 s plus one RTT from the last update on the
         // dead relay to the first on the next.
         let bound = Duration::from_secs(1) + rtt;
@@ -332,12 +352,7 @@ async fn a_draining_relay_s_clients_move_before_it_exits_without_a_gap() {
     // SIGTERM the us-east relay: it sends goaway and waits for its clients.
     let drained = 1;
     net.relays[drained].proc.signal("TERM");
-    wait_until("the us-east clients to move", || {
-        bots.iter()
-            .filter(|b| b.region == drained)
-            .all(|b| b.progress.moves.load(Ordering::Relaxed) >= 1)
-    })
-    .await;
+    wait_moved(&bots, drained).await;
     let (status, _) = net.relays[drained].proc.wait_exit(DEADLINE);
     let exited_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -349,25 +364,8 @@ async fn a_draining_relay_s_clients_move_before_it_exits_without_a_gap() {
 
     check_local_pick(&net, &results);
     let next_best = 0; // eu-west: 80 ms from us-east, ap-southeast is 140.
-    for (region, stats, moves, divergences) in &results {
-        check_verified(stats, *divergences);
-        if *region != drained {
-            assert!(
-                moves.is_empty(),
-                "a client of {} moved: {moves:#?}",
-                REGIONS[*region]
-            );
-            continue;
-        }
-        assert_eq!(moves.len(), 1, "{moves:#?}");
-        let m = &moves[0];
-        eprintln!(
-            "{} -> {}: {}, gap {:.0} ms, keyframe {}, {} attempt(s)",
-            m.from_region, m.to_region, m.reason, m.gap_ms, m.keyframe, m.attempts
-        );
+    for m in check_moves(&results, drained, next_best) {
         assert_eq!(m.reason, MoveReason::Goaway, "{m:#?}");
-        assert_eq!(m.to_region, REGIONS[next_best], "{m:#?}");
-        assert!(!m.keyframe, "the move needed a keyframe: {m:#?}");
         assert!(
             m.at_unix_ms <= exited_unix_ms,
             "the client moved after the relay exited: {m:#?}"
