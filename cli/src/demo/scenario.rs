@@ -503,7 +503,7 @@ mod tests {
 
     #[test]
     fn bad_scenarios_are_refused_with_the_reason() {
-        let e = err(|t| *t = t.replace("rtt_ms = 88", "rtt_ms = 88\nrtt = 3"));
+        let e = err(|t| *t = t.replace("rtt_ms = 90", "rtt_ms = 90\nrtt = 3"));
         assert!(e.contains("unknown field"), "{e}");
         let e = err(|t| {
             *t = t.replace(
@@ -566,7 +566,7 @@ mod tests {
         s.scale_bots(60).unwrap();
         assert_eq!(s.bots(), 60);
         let counts: Vec<usize> = s.regions.iter().map(|r| r.bots).collect();
-        assert_eq!(counts, [24, 20, 16]);
+        assert_eq!(counts, [24, 21, 15]);
         s.scale_bots(3).unwrap();
         assert_eq!(
             s.regions.iter().map(|r| r.bots).collect::<Vec<_>>(),

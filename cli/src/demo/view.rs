@@ -108,7 +108,7 @@ enum Line {
 impl Line {
     fn render(&self) -> String {
         match self {
-            Line::Text { at, text } => format!("{at:>7.1}s  {text}"),
+            Line::Text { at, text } => format!("{:>11}  {text}", format!("{at:.1}s")),
             Line::Moves(g) => {
                 let p50 = quantile(&g.gaps, 0.5).unwrap_or(0.0);
                 let span = if g.last - g.first >= 0.05 {
@@ -117,7 +117,7 @@ impl Line {
                     format!("{:.1}s", g.first)
                 };
                 format!(
-                    "{span:>8}  {} client{} {} -> {} ({}), gap p50 {p50:.0} ms, max {:.0} ms",
+                    "{span:>11}  {} client{} {} -> {} ({}), gap p50 {p50:.0} ms, max {:.0} ms",
                     g.count,
                     if g.count == 1 { "" } else { "s" },
                     g.from,
@@ -734,7 +734,7 @@ impl Observer {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "  {:<14} {:>8}  {:<34} {:>8} {:>14} {:>12} {:>7} {:>5}",
+            "  {:<14} {:>8}  {:<46} {:>8} {:>14} {:>12} {:>7} {:>5}",
             "clients in",
             "playing",
             "relays (share)",
@@ -780,7 +780,7 @@ impl Observer {
                 .sum();
             let _ = writeln!(
                 o,
-                "  {:<14} {:>8}  {:<34} {:>8} {:>14.1} {:>12.1} {:>7} {:>5}",
+                "  {:<14} {:>8}  {:<46} {:>8} {:>14.1} {:>12.1} {:>7} {:>5}",
                 region.name,
                 format!("{}/{}", playing.len(), region.bots),
                 shares.join(", "),
