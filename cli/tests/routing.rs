@@ -157,7 +157,12 @@ async fn start_bots(data: &Path, net: &Net, stop: &watch::Receiver<bool>) -> Vec
                 .await
                 .unwrap_or_else(|e| panic!("client {i} of {} cannot join: {e}", REGIONS[region]));
             let progress = Arc::new(Progress::default());
-            let task = tokio::spawn(run_bot(roamer, progress.clone(), stop.clone()));
+            // The first client of each region is impatient: it drops its
+            // `next_event` call every 7 ms, in the middle of whatever the
+            // roamer was doing (handshakes and moves included), which a
+            // cancel-safe roamer survives.
+            let impatient = i == 0;
+            let task = tokio::spawn(run_bot(roamer, progress.clone(), stop.clone(), impatient));
             bots.push(Bot {
                 region,
                 progress,
@@ -172,12 +177,20 @@ async fn run_bot(
     mut roamer: Roamer,
     progress: Arc<Progress>,
     mut stop: watch::Receiver<bool>,
+    impatient: bool,
 ) -> (RoamStats, Vec<Move>, u64) {
     let mut moves = Vec::new();
     let mut divergences = 0;
+    let patience = if impatient {
+        Duration::from_millis(7)
+    } else {
+        DEADLINE
+    };
     loop {
         tokio::select! {
-            event = roamer.next_event() => match event {
+            event = tokio::time::timeout(patience, roamer.next_event()) => match event {
+                Err(_elapsed) => {}
+                Ok(event) => match event {
                 Ok(RoamEvent::Applied { .. }) => {
                     progress.applied.fetch_add(1, Ordering::Relaxed);
                     // Play: a small input now and then.
@@ -189,6 +202,7 @@ async fn run_bot(
                     moves.push(m);
                 }
                 Err(e) => panic!("a client failed: {e}"),
+                },
             },
             _ = stop.changed() => break,
         }

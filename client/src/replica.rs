@@ -131,13 +131,28 @@ pub struct Applied {
 }
 
 /// A verified replica of a world (or of the cells a client is interested in).
-/// Cloning is cheap: states are shared.
-#[derive(Clone)]
+/// Cloning is cheap: states are shared (the clone gets its own codec).
 pub struct Replica {
     layout: Arc<Layout>,
     history: VecDeque<Arc<State>>,
     capacity: usize,
     empty: Arc<Snapshot>,
+    /// Reused for every chunk: a codec's adaptive models are large (about
+    /// 130 KB for plaza), and building them afresh per chunk cost more
+    /// than decoding a cell's few entities.
+    codec: Box<delta::Codec>,
+}
+
+impl Clone for Replica {
+    fn clone(&self) -> Replica {
+        Replica {
+            layout: self.layout.clone(),
+            history: self.history.clone(),
+            capacity: self.capacity,
+            empty: self.empty.clone(),
+            codec: Box::new(delta::Codec::new(&self.layout)),
+        }
+    }
 }
 
 impl Replica {
@@ -145,11 +160,13 @@ impl Replica {
     /// (at least 2; keep more than the relay's ring holds of ticks).
     pub fn new(layout: Arc<Layout>, capacity: usize) -> Replica {
         let empty = Arc::new(Snapshot::empty(&layout));
+        let codec = Box::new(delta::Codec::new(&layout));
         Replica {
             layout,
             history: VecDeque::new(),
             capacity: capacity.max(2),
             empty,
+            codec,
         }
     }
 
@@ -191,12 +208,12 @@ impl Replica {
                 .cells
                 .get(&chunk.cell)
                 .map_or(&self.empty, |c| &c.snapshot);
-            let decoded =
-                delta::decode(&self.layout, from, None, &chunk.data).map_err(|source| {
-                    ApplyError::Delta {
-                        cell: chunk.cell,
-                        source,
-                    }
+            let decoded = self
+                .codec
+                .decode(&self.layout, from, None, &chunk.data)
+                .map_err(|source| ApplyError::Delta {
+                    cell: chunk.cell,
+                    source,
                 })?;
             if decoded.is_empty() {
                 cells.remove(&chunk.cell);

@@ -328,10 +328,30 @@ struct PendingMove {
     attempts: u32,
 }
 
-/// A handshake with another relay running beside the current session.
+/// A connection attempt running in its own task, so that dropping a
+/// [`Roamer::next_event`] call loses nothing.
 struct Attempt {
     task: JoinHandle<Outcome>,
     reason: MoveReason,
+    /// Make before break (beside the current session, with a clone of its
+    /// replica) or break before make (no session; the replica of the lost
+    /// one travels with the attempt and comes back on failure).
+    beside: bool,
+}
+
+/// Where reconnecting after a loss stands.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// Not before this instant (backoff between rounds).
+    at: Option<Instant>,
+    /// The next backoff.
+    backoff: Duration,
+    /// Rounds since the loss.
+    rounds: u32,
+    /// Give up after this instant.
+    give_up_at: Option<Instant>,
+    /// The last answer of each relay tried since the loss.
+    answers: HashMap<SocketAddr, String>,
 }
 
 /// What a connection attempt task hands back.
@@ -354,6 +374,7 @@ pub struct Roamer {
     /// What resuming the lost session needs.
     resume: Option<proto::msg::Resume>,
     attempt: Option<Attempt>,
+    retry: Backoff,
     pending: Option<PendingMove>,
     failed: HashMap<SocketAddr, Instant>,
     queue: VecDeque<RoamEvent>,
@@ -422,6 +443,7 @@ impl Roamer {
             orphan: None,
             resume: None,
             attempt: None,
+            retry: Backoff::default(),
             pending: None,
             failed: HashMap::new(),
             queue: VecDeque::new(),
@@ -446,7 +468,9 @@ impl Roamer {
                 task.abort();
             }
         }
-        roamer.reconnect(None).await?;
+        while roamer.session.is_none() {
+            roamer.reconnect_step().await?;
+        }
         Ok(roamer)
     }
 
@@ -530,11 +554,7 @@ impl Roamer {
                 return Ok(event);
             }
             if self.session.is_none() {
-                let reason = match self.pending.as_ref() {
-                    Some(p) => p.reason.clone(),
-                    None => MoveReason::Lost("not connected".to_owned()),
-                };
-                self.reconnect(Some(reason)).await?;
+                self.reconnect_step().await?;
                 continue;
             }
             let stall = self
@@ -729,7 +749,11 @@ impl Roamer {
         let configs = self.session_configs(&order, resume);
         let endpoint = self.endpoint.clone();
         let task = tokio::spawn(connect_any(endpoint, configs, Some(replica)));
-        self.attempt = Some(Attempt { task, reason });
+        self.attempt = Some(Attempt {
+            task,
+            reason,
+            beside: true,
+        });
     }
 
     fn on_attempt(&mut self, outcome: Result<Outcome, tokio::task::JoinError>) {
@@ -843,82 +867,114 @@ impl Roamer {
             .collect()
     }
 
-    /// Connects (or reconnects after a loss) down the failover order,
-    /// backing off between rounds, until a relay takes the session or
-    /// [`Config::give_up_after`] passes.
-    async fn reconnect(&mut self, reason: Option<MoveReason>) -> Result<(), RoamError> {
-        let give_up = self.config.give_up_after.map(|d| Instant::now() + d);
-        let mut backoff = Duration::from_millis(100);
-        let mut attempts: HashMap<SocketAddr, String> = HashMap::new();
-        let mut rounds = 0u32;
-        loop {
-            // A make-before-break move may already be under way: its
-            // outcome comes first.
-            if let Some(attempt) = self.attempt.take() {
-                let outcome = attempt.task.await;
-                if let Ok(Outcome {
-                    result: Ok((session, relay)),
-                    tried,
-                    ..
-                }) = outcome
-                {
-                    self.orphan = None;
-                    self.resume = None;
-                    if let Some(p) = &mut self.pending {
-                        p.attempts += tried;
+    /// One step towards a session while there is none: waits out the
+    /// backoff, starts or awaits a connection attempt down the failover
+    /// order, and takes its outcome. Cancel safe: everything in progress
+    /// lives in `self` (the attempt in its task, the replica with it).
+    async fn reconnect_step(&mut self) -> Result<(), RoamError> {
+        if let Some(at) = self.retry.at {
+            tokio::time::sleep_until(at).await;
+            self.retry.at = None;
+        }
+        if self.attempt.is_none() {
+            self.start_reconnect();
+        }
+        let attempt = self.attempt.as_mut().expect("started above");
+        let outcome = (&mut attempt.task).await;
+        let attempt = self.attempt.take().expect("awaited above");
+        self.take_reconnect(attempt, outcome)
+    }
+
+    fn start_reconnect(&mut self) {
+        if self.retry.give_up_at.is_none() {
+            self.retry.give_up_at = self.config.give_up_after.map(|d| Instant::now() + d);
+            self.retry.backoff = Duration::from_millis(100);
+        }
+        let order = self.order();
+        let resume = self.orphan.as_ref().and(self.resume.clone());
+        let configs = self.session_configs(&order, resume);
+        let reason = match &self.pending {
+            Some(p) => p.reason.clone(),
+            None => MoveReason::Lost("not connected".to_owned()),
+        };
+        let task = tokio::spawn(connect_any(
+            self.endpoint.clone(),
+            configs,
+            self.orphan.take(),
+        ));
+        self.attempt = Some(Attempt {
+            task,
+            reason,
+            beside: false,
+        });
+    }
+
+    fn take_reconnect(
+        &mut self,
+        attempt: Attempt,
+        outcome: Result<Outcome, tokio::task::JoinError>,
+    ) -> Result<(), RoamError> {
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // A panicked attempt took its replica along: the next one
+                // joins afresh (a keyframe).
+                tracing::warn!("a connection attempt failed: {e}");
+                Outcome {
+                    result: Err(Vec::new()),
+                    replica: None,
+                    tried: 0,
+                }
+            }
+        };
+        if !attempt.beside {
+            // The lost session's replica comes back; a make-before-break
+            // attempt's is an older clone and goes.
+            self.orphan = outcome.replica.or(self.orphan.take());
+        }
+        match outcome.result {
+            Ok((session, relay)) => {
+                if let Some(p) = &mut self.pending {
+                    p.attempts += outcome.tried;
+                    if attempt.beside {
                         p.reason = attempt.reason;
                     }
-                    self.install(session, relay);
-                    return Ok(());
                 }
+                self.orphan = None;
+                self.resume = None;
+                self.retry = Backoff::default();
+                self.install(session, relay);
+                Ok(())
             }
-            let order = self.order();
-            let resume = self.orphan.as_ref().and(self.resume.clone());
-            let configs = self.session_configs(&order, resume);
-            let outcome = connect_any(self.endpoint.clone(), configs, self.orphan.take()).await;
-            self.orphan = outcome.replica;
-            rounds += 1;
-            match outcome.result {
-                Ok((session, relay)) => {
-                    if let Some(p) = &mut self.pending {
-                        p.attempts += outcome.tried;
-                    } else if let (Some(reason), Some(from)) = (reason.clone(), self.relay.clone())
-                    {
-                        self.pending = Some(PendingMove {
-                            at: Instant::now(),
-                            at_unix_ms: unix_ms(),
-                            from,
-                            reason,
-                            attempts: outcome.tried,
-                        });
+            Err(errors) => {
+                for (addr, error) in errors {
+                    self.mark_failed_connect(addr);
+                    if !error.is_retry_safe() {
+                        return Err(self.fail(error));
                     }
-                    self.orphan = None;
-                    self.resume = None;
-                    self.install(session, relay);
-                    return Ok(());
+                    self.retry.answers.insert(addr, error.to_string());
                 }
-                Err(errors) => {
-                    for (addr, error) in errors {
-                        self.mark_failed_connect(addr);
-                        if !error.is_retry_safe() {
-                            return Err(self.fail(error));
-                        }
-                        attempts.insert(addr, error.to_string());
-                    }
+                self.retry.rounds += 1;
+                let backoff = self.retry.backoff;
+                if self
+                    .retry
+                    .give_up_at
+                    .is_some_and(|t| Instant::now() + backoff >= t)
+                {
+                    let mut attempts: Vec<_> = self.retry.answers.drain().collect();
+                    attempts.sort();
+                    tracing::warn!(rounds = self.retry.rounds, "no relay took the session");
+                    self.fatal = Some(describe_attempts(&attempts));
+                    return Err(RoamError::NoRelay { attempts });
                 }
+                // Jitter: a crowd of clients losing the same relay should
+                // not knock on the next one in lockstep.
+                let jitter =
+                    jitter_fraction(self.started.elapsed().subsec_nanos() ^ self.retry.rounds);
+                self.retry.at = Some(Instant::now() + backoff.mul_f64(0.5 + 0.5 * jitter));
+                self.retry.backoff = (backoff * 2).min(MAX_BACKOFF);
+                Ok(())
             }
-            if give_up.is_some_and(|t| Instant::now() + backoff >= t) {
-                let mut attempts: Vec<_> = attempts.into_iter().collect();
-                attempts.sort();
-                tracing::warn!(rounds, "no relay took the session");
-                self.fatal = Some(describe_attempts(&attempts));
-                return Err(RoamError::NoRelay { attempts });
-            }
-            // Jitter: a crowd of clients losing the same relay should not
-            // knock on the next one in lockstep.
-            let jitter = jitter_fraction(self.started.elapsed().subsec_nanos() ^ rounds);
-            tokio::time::sleep(backoff.mul_f64(0.5 + 0.5 * jitter)).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }
