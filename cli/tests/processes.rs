@@ -248,3 +248,37 @@ fn a_client_with_several_relays_fails_over_and_resumes() {
     assert_eq!(moves.len(), 1, "{summary:#}");
     assert_eq!(moves[0]["reason"]["kind"], "lost", "{summary:#}");
 }
+
+#[test]
+fn a_client_fails_over_to_a_relay_it_learnt_from_a_directory() {
+    let data = scratch("directory");
+    let (_origin, upstream, _) = origin(&data);
+    let other = relay(&data, upstream, "127.0.0.1:0", &["--region", "two"]);
+    let peer = format!(
+        "id=relay-two,addr={},probe={},region=two",
+        other.clients, other.probe
+    );
+    let mut first = relay(
+        &data,
+        upstream,
+        "127.0.0.1:0",
+        &["--region", "one", "--peer", &peer],
+    );
+    // The client is told of the first relay only.
+    let only = format!("{}/{}", first.clients, first.probe.port());
+    let mut client = Proc::spawn(
+        "client",
+        &data,
+        &["client", "--relays", &only, "--duration", "5", "--json"],
+    );
+    first.wait_serving(1, 20.0);
+    first.proc.signal("KILL");
+    first.proc.wait_exit(DEADLINE);
+
+    let (status, _) = client.wait_exit(DEADLINE);
+    let summary = client.summary();
+    assert!(status.success(), "{status}: {summary:#}\n{}", client.log());
+    check_verified(&summary, 20);
+    assert_eq!(summary["region"], "two", "{summary:#}");
+    assert_eq!(summary["relay_switches"], 1, "{summary:#}");
+}

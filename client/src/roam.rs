@@ -43,6 +43,10 @@
 //! loss is *break before make*: the dead session is dropped at once and the
 //! roamer resumes on the next relay of the failover order.
 //!
+//! **Directories.** A relay may name other relays of the network
+//! ([`SessionEvent::Directory`]); the ones not yet known become candidates,
+//! probed from the next round on and part of the failover order.
+//!
 //! **Resume.** Every move resumes: the new session's hello carries the
 //! session id, the last tick applied and the cells held
 //! ([`Session::resume_token`]), and the replica carries over, so a relay
@@ -306,6 +310,8 @@ pub struct RoamStats {
     pub pongs_received: u64,
     /// Inputs dropped because no session was up (between relays).
     pub inputs_dropped: u64,
+    /// Candidates learnt from relays' directories (beyond those given).
+    pub directory_candidates: u64,
     /// The sessions' counters, summed over every relay used.
     #[serde(flatten)]
     pub session: session::Stats,
@@ -679,8 +685,23 @@ impl Roamer {
                 }
                 self.lose_session(error.to_string());
             }
-            #[allow(unreachable_patterns)]
-            Ok(_) => {}
+            Ok(SessionEvent::Directory(directory)) => {
+                let found = crate::discover::from_directory(&directory);
+                for skipped in &found.skipped {
+                    tracing::debug!(relay = %skipped.host, reason = %skipped.reason, "directory entry left out");
+                }
+                let mut selector = self.prober.selector();
+                let added = found
+                    .candidates
+                    .into_iter()
+                    .filter(|c| selector.add_candidate(c.clone()))
+                    .count();
+                drop(selector);
+                if added > 0 {
+                    tracing::debug!(added, "candidates from the relay's directory");
+                    self.stats.directory_candidates += added as u64;
+                }
+            }
         }
         Ok(())
     }

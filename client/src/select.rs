@@ -388,31 +388,11 @@ impl Selector {
     /// A selector for `candidates` (duplicates by probe address are
     /// dropped), whose first round starts at `now`.
     pub fn new(config: Config, candidates: Vec<Candidate>, now: Instant) -> Selector {
-        let mut slots = Vec::with_capacity(candidates.len());
-        let mut by_addr = HashMap::with_capacity(candidates.len());
-        for mut candidate in candidates {
-            candidate.addr = canonical(candidate.addr);
-            if by_addr.contains_key(&candidate.addr) {
-                continue;
-            }
-            by_addr.insert(candidate.addr, slots.len());
-            slots.push(Slot {
-                candidate,
-                rtts: VecDeque::new(),
-                outcomes: VecDeque::new(),
-                consecutive_lost: 0,
-                answered: false,
-                probed: false,
-                reported: None,
-                round_answers: 0,
-            });
-        }
         let rng = config.nonce_seed;
-        let scores = vec![None; slots.len()];
-        Selector {
+        let mut selector = Selector {
             config,
-            slots,
-            by_addr,
+            slots: Vec::with_capacity(candidates.len()),
+            by_addr: HashMap::with_capacity(candidates.len()),
             epoch: now,
             round: None,
             next_round: Some(now),
@@ -420,9 +400,36 @@ impl Selector {
             rng,
             current: None,
             better_since: None,
-            scores,
+            scores: Vec::with_capacity(candidates.len()),
             stats: Stats::default(),
+        };
+        for candidate in candidates {
+            selector.add_candidate(candidate);
         }
+        selector
+    }
+
+    /// Adds a candidate (one a relay's directory named, say); it takes part
+    /// from the next probe round on. Returns `false`, and changes nothing,
+    /// when a candidate with that probe address is known already.
+    pub fn add_candidate(&mut self, mut candidate: Candidate) -> bool {
+        candidate.addr = canonical(candidate.addr);
+        if self.by_addr.contains_key(&candidate.addr) {
+            return false;
+        }
+        self.by_addr.insert(candidate.addr, self.slots.len());
+        self.slots.push(Slot {
+            candidate,
+            rtts: VecDeque::new(),
+            outcomes: VecDeque::new(),
+            consecutive_lost: 0,
+            answered: false,
+            probed: false,
+            reported: None,
+            round_answers: 0,
+        });
+        self.scores.push(None);
+        true
     }
 
     /// The configuration.
