@@ -61,6 +61,79 @@ pub struct TickState {
     pub snapshot: Arc<Snapshot>,
     /// Non-empty cells.
     pub cells: BTreeMap<CellId, CellState>,
+    /// The same cells in a dense grid over their bounding box, when it is
+    /// not much larger than the cells themselves: an update looks up each of
+    /// its ~20 cells at its target and at its baseline, and a `BTreeMap`
+    /// lookup in a fresh tick's 1,600 cells was a chain of cache misses.
+    dense: Option<DenseCells>,
+}
+
+/// Cells indexed by position in their bounding box.
+#[derive(Debug)]
+struct DenseCells {
+    x0: i64,
+    y0: i64,
+    width: i64,
+    height: i64,
+    slots: Vec<Option<CellState>>,
+}
+
+impl DenseCells {
+    /// `None` when the bounding box would be more than 4 times the cells
+    /// (plus some slack), e.g. for a few far-apart entities.
+    fn new(cells: &BTreeMap<CellId, CellState>) -> Option<DenseCells> {
+        let (mut x0, mut y0, mut x1, mut y1) = (i64::MAX, i64::MAX, i64::MIN, i64::MIN);
+        for id in cells.keys() {
+            if *id == CellId::WORLD {
+                return None;
+            }
+            let (x, y) = (i64::from(id.x), i64::from(id.y));
+            x0 = x0.min(x);
+            y0 = y0.min(y);
+            x1 = x1.max(x);
+            y1 = y1.max(y);
+        }
+        if cells.is_empty() {
+            return None;
+        }
+        let (width, height) = (x1 - x0 + 1, y1 - y0 + 1);
+        let area = width.checked_mul(height)?;
+        if area > 4 * cells.len() as i64 + 256 {
+            return None;
+        }
+        let mut slots = vec![None; area as usize];
+        for (id, cell) in cells {
+            let i = (i64::from(id.y) - y0) * width + (i64::from(id.x) - x0);
+            slots[i as usize] = Some(cell.clone());
+        }
+        Some(DenseCells {
+            x0,
+            y0,
+            width,
+            height,
+            slots,
+        })
+    }
+
+    /// The cell `id`; every cell outside the box is empty.
+    fn get(&self, id: CellId) -> Option<&CellState> {
+        let x = i64::from(id.x) - self.x0;
+        let y = i64::from(id.y) - self.y0;
+        if x < 0 || y < 0 || x >= self.width || y >= self.height {
+            return None;
+        }
+        self.slots[(y * self.width + x) as usize].as_ref()
+    }
+}
+
+impl TickState {
+    /// The cell `id` at this tick, if it is not empty.
+    pub fn cell(&self, id: CellId) -> Option<&CellState> {
+        match &self.dense {
+            Some(dense) => dense.get(id),
+            None => self.cells.get(&id),
+        }
+    }
 }
 
 /// Which cells a client wants.
@@ -122,6 +195,21 @@ impl WorldState {
         hash: StateHash,
         snapshot: Arc<Snapshot>,
     ) -> Option<(Arc<TickState>, Option<u64>)> {
+        let state = self.prepare(tick, origin_time_us, hash, snapshot)?;
+        self.commit(state)
+    }
+
+    /// The first half of [`WorldState::push`], which needs only a shared
+    /// reference (the relay splits a tick without holding its clients
+    /// back): the tick split into cells. `None` if `tick` is not newer than
+    /// the newest tick held.
+    pub fn prepare(
+        &self,
+        tick: u64,
+        origin_time_us: u64,
+        hash: StateHash,
+        snapshot: Arc<Snapshot>,
+    ) -> Option<Arc<TickState>> {
         if self.ring.back().is_some_and(|last| last.tick >= tick) {
             return None;
         }
@@ -142,13 +230,24 @@ impl WorldState {
             }
             None => {}
         }
-        let state = Arc::new(TickState {
+        let dense = DenseCells::new(&cells);
+        Some(Arc::new(TickState {
             tick,
             origin_time_us,
             hash,
             snapshot,
             cells,
-        });
+            dense,
+        }))
+    }
+
+    /// The second half of [`WorldState::push`]: adds a tick made by
+    /// [`WorldState::prepare`]. Refused (`None`) if a tick as new has been
+    /// added meanwhile.
+    pub fn commit(&mut self, state: Arc<TickState>) -> Option<(Arc<TickState>, Option<u64>)> {
+        if self.ring.back().is_some_and(|last| last.tick >= state.tick) {
+            return None;
+        }
         self.ring.push_back(state.clone());
         let evicted = if self.ring.len() > self.capacity {
             self.ring.pop_front().map(|t| t.tick)
@@ -212,13 +311,18 @@ impl WorldState {
 }
 
 /// Reuses the previous tick's snapshot of a cell when nothing changed.
+///
+/// The hash is needed for a changed cell anyway, and nearly every cell of a
+/// busy world changes every tick: compare hashes first and the contents
+/// only when they are equal (a hash alone is not proof enough to share).
 fn share(previous: Option<&TickState>, cell: CellId, part: Snapshot) -> CellState {
-    if let Some(old) = previous.and_then(|p| p.cells.get(&cell))
+    let hash = part.hash();
+    if let Some(old) = previous.and_then(|p| p.cell(cell))
+        && old.hash == hash
         && *old.snapshot == part
     {
         return old.clone();
     }
-    let hash = part.hash();
     CellState {
         snapshot: Arc::new(part),
         hash,
@@ -242,9 +346,8 @@ const KEEP_TARGETS: u64 = 2;
 /// thousands of chunks for a large world) made every lookup a cache miss
 /// and every eviction a scan of all of them, for chunks never asked for
 /// again.
-#[derive(Default)]
 pub struct ChunkCache {
-    map: DashMap<ChunkKey, Bytes>,
+    map: DashMap<ChunkKey, Bytes, FxBuild>,
     /// Newest target tick cached.
     newest: AtomicU64,
     hits: AtomicU64,
@@ -253,34 +356,149 @@ pub struct ChunkCache {
     enabled: bool,
 }
 
+impl Default for ChunkCache {
+    fn default() -> Self {
+        ChunkCache::new(true)
+    }
+}
+
+/// A multiply-rotate hasher (as rustc's FxHash) for chunk keys: the
+/// default SipHash cost more per lookup than the rest of the lookup, and
+/// the keys come from the relay itself, not from clients.
+#[derive(Clone, Copy, Default)]
+pub struct FxBuild;
+
+impl std::hash::BuildHasher for FxBuild {
+    type Hasher = FxHasher;
+    fn build_hasher(&self) -> FxHasher {
+        FxHasher(0)
+    }
+}
+
+/// See [`FxBuild`].
+#[derive(Clone, Copy, Default)]
+pub struct FxHasher(u64);
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for FxHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        // Mix the high bits down: dashmap picks its shard from the top bits
+        // and hashbrown its group from the low ones.
+        let h = self.0;
+        h ^ (h >> 29) ^ (h >> 47)
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(i.into());
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(i.into());
+    }
+    #[inline]
+    fn write_i32(&mut self, i: i32) {
+        self.add(i as u32 as u64);
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn write_isize(&mut self, i: isize) {
+        self.add(i as u64);
+    }
+}
+
 impl ChunkCache {
     /// A cache; `enabled = false` encodes every chunk for every client (the
     /// per-client baseline the benches compare against).
     pub fn new(enabled: bool) -> ChunkCache {
         ChunkCache {
+            map: DashMap::with_hasher(FxBuild),
+            newest: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            encode_ns: AtomicU64::new(0),
             enabled,
-            ..ChunkCache::default()
         }
     }
 
     /// The chunk for `key`, encoding it with `encode` on a miss.
     pub fn get_or_encode(&self, key: ChunkKey, encode: impl FnOnce() -> Bytes) -> Bytes {
+        self.with_chunk(key, encode, Bytes::clone)
+    }
+
+    /// Calls `use_chunk` with the chunk for `key` (encoding it with `encode`
+    /// on a miss), without taking a reference to a cached chunk: copying a
+    /// chunk's few bytes out costs less than the shared reference count
+    /// going up and down on two cores.
+    pub fn with_chunk<R>(
+        &self,
+        key: ChunkKey,
+        encode: impl FnOnce() -> Bytes,
+        use_chunk: impl FnOnce(&Bytes) -> R,
+    ) -> R {
+        let mut tally = Tally::default();
+        let out = self.lookup(key, encode, use_chunk, &mut tally);
+        self.add(&tally);
+        out
+    }
+
+    /// [`ChunkCache::with_chunk`], counting in `tally` (added to the shared
+    /// counters once per update: two cores incrementing the same counters
+    /// for every chunk kept a cache line bouncing between them).
+    fn lookup<R>(
+        &self,
+        key: ChunkKey,
+        encode: impl FnOnce() -> Bytes,
+        use_chunk: impl FnOnce(&Bytes) -> R,
+        tally: &mut Tally,
+    ) -> R {
         if self.enabled
             && let Some(hit) = self.map.get(&key)
         {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return hit.clone();
+            tally.hits += 1;
+            return use_chunk(&hit);
         }
-        self.misses.fetch_add(1, Ordering::Relaxed);
+        tally.misses += 1;
         let started = std::time::Instant::now();
         let bytes = encode();
-        self.encode_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        tally.encode_ns += started.elapsed().as_nanos() as u64;
+        let out = use_chunk(&bytes);
         if self.enabled {
             self.newest.fetch_max(key.2, Ordering::Relaxed);
-            self.map.entry(key).or_insert_with(|| bytes.clone());
+            self.map.entry(key).or_insert(bytes);
         }
-        bytes
+        out
+    }
+
+    fn add(&self, tally: &Tally) {
+        if tally.hits > 0 {
+            self.hits.fetch_add(tally.hits, Ordering::Relaxed);
+        }
+        if tally.misses > 0 {
+            self.misses.fetch_add(tally.misses, Ordering::Relaxed);
+            self.encode_ns.fetch_add(tally.encode_ns, Ordering::Relaxed);
+        }
     }
 
     /// Forgets every chunk whose target or baseline is before `tick`, and
@@ -335,7 +553,8 @@ fn encode_chunk(layout: &Layout, from: &Snapshot, to: &Snapshot) -> Bytes {
     CODEC.with(|codec| {
         let mut codec = codec.borrow_mut();
         let codec = codec.get_or_insert_with(|| delta::Codec::new(layout));
-        let mut out = Vec::new();
+        // About 3 bytes per entity for a moving cell: one allocation, mostly.
+        let mut out = Vec::with_capacity(32 + 4 * to.len());
         // `encode` resets the models first (and rebuilds them for another
         // layout), so every chunk is coded from the same initial state.
         codec.encode(layout, from, None, to, &mut out);
@@ -343,8 +562,69 @@ fn encode_chunk(layout: &Layout, from: &Snapshot, to: &Snapshot) -> Bytes {
     })
 }
 
-/// A relay's record of one client: what it was sent and what it acknowledged.
+/// Cache counts of one update.
+#[derive(Default)]
+struct Tally {
+    hits: u64,
+    misses: u64,
+    encode_ns: u64,
+}
+
+/// An update's fields other than its chunks, as [`ClientView::build_with`]
+/// makes them.
+struct Header {
+    tick: u64,
+    base: Option<u64>,
+    origin_time_us: u64,
+    hash: u64,
+    chunks: usize,
+    dropped: Vec<CellId>,
+}
+
+/// What [`ClientView::build_datagram`] made.
 #[derive(Debug)]
+pub struct BuiltDatagram {
+    /// The update as a datagram (`type | body`, the same bytes as
+    /// [`proto::Message::encode_datagram`]); prefixed with
+    /// `varint(len)` it is the update's stream frame.
+    pub datagram: Bytes,
+    /// Whether it is a keyframe (no baseline).
+    pub keyframe: bool,
+    /// Its tick.
+    pub tick: u64,
+}
+
+/// QUIC-style varint, as `proto::wire` writes it (there it is crate-private).
+pub(crate) fn put_varint(out: &mut Vec<u8>, x: u64) {
+    match proto::wire::varint_len(x) {
+        1 => out.push(x as u8),
+        2 => out.extend_from_slice(&(0x4000 | x as u16).to_be_bytes()),
+        4 => out.extend_from_slice(&(0x8000_0000 | x as u32).to_be_bytes()),
+        _ => out.extend_from_slice(&(0xc000_0000_0000_0000 | (x & ((1 << 62) - 1))).to_be_bytes()),
+    }
+}
+
+fn zigzag(v: i32) -> u64 {
+    u64::from(((v << 1) ^ (v >> 31)) as u32)
+}
+
+/// A cell id's wire form (see `CellId::encode` in proto).
+fn put_cell(out: &mut Vec<u8>, cell: CellId) {
+    if cell == CellId::WORLD {
+        out.push(0);
+    } else {
+        put_varint(out, zigzag(cell.x) + 1);
+        put_varint(out, zigzag(cell.y));
+    }
+}
+
+thread_local! {
+    /// The chunk part of the update being built, reused.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A relay's record of one client: what it was sent and what it acknowledged.
+#[derive(Clone, Debug)]
 pub struct ClientView {
     interest: Interest,
     /// The cells of an `Around` interest, computed once per interest (they
@@ -450,6 +730,104 @@ impl ClientView {
         target: &TickState,
         cache: &ChunkCache,
     ) -> Option<Built> {
+        let mut chunks = Vec::new();
+        let header = self.build_with(world, target, cache, |cell, data| {
+            chunks.push(Chunk {
+                cell,
+                data: data.clone(),
+            });
+        })?;
+        let update = Update {
+            tick: header.tick,
+            base: header.base,
+            predict_from: None,
+            origin_time_us: header.origin_time_us,
+            hash: header.hash,
+            chunks,
+            dropped: header.dropped,
+        };
+        Some(Built {
+            keyframe: update.base.is_none(),
+            update,
+        })
+    }
+
+    /// [`ClientView::build_update`], written straight into its datagram
+    /// bytes: the chunks are copied out of the cache as they are looked up,
+    /// so an update costs one allocation and no shared reference counts.
+    /// `Some(Err)` when the update breaks a message limit (it is recorded as
+    /// sent all the same, as [`ClientView::build_update`] does).
+    pub fn build_datagram(
+        &mut self,
+        world: &WorldState,
+        target: &TickState,
+        cache: &ChunkCache,
+    ) -> Option<Result<BuiltDatagram, proto::EncodeError>> {
+        SCRATCH.with(|scratch| {
+            let mut body = scratch.borrow_mut();
+            body.clear();
+            let mut too_long = 0;
+            let header = self.build_with(world, target, cache, |cell, data| {
+                too_long = too_long.max(data.len());
+                put_cell(&mut body, cell);
+                put_varint(&mut body, data.len() as u64);
+                body.extend_from_slice(data);
+            })?;
+            let checks = [
+                ("update chunks", header.chunks, proto::msg::MAX_CHUNKS),
+                ("chunk", too_long, proto::msg::MAX_CHUNK_LEN),
+                (
+                    "update dropped cells",
+                    header.dropped.len(),
+                    proto::msg::MAX_CHUNKS,
+                ),
+            ];
+            for (what, len, max) in checks {
+                if len > max {
+                    return Some(Err(proto::EncodeError::TooLarge {
+                        what,
+                        len: len as u64,
+                        max: max as u64,
+                    }));
+                }
+            }
+            let base_gap = header.base.map_or(0, |b| header.tick - b);
+            let mut out = Vec::with_capacity(40 + body.len() + 4 * header.dropped.len());
+            out.push(proto::MessageType::Update.to_u8());
+            put_varint(&mut out, header.tick);
+            put_varint(&mut out, base_gap);
+            put_varint(&mut out, 0);
+            out.extend_from_slice(&header.origin_time_us.to_be_bytes());
+            out.extend_from_slice(&header.hash.to_be_bytes());
+            put_varint(&mut out, header.chunks as u64);
+            out.extend_from_slice(&body);
+            put_varint(&mut out, header.dropped.len() as u64);
+            for &cell in &header.dropped {
+                put_cell(&mut out, cell);
+            }
+            if out.len() > proto::msg::MAX_FRAME {
+                return Some(Err(proto::EncodeError::TooLarge {
+                    what: "update",
+                    len: out.len() as u64,
+                    max: proto::msg::MAX_FRAME as u64,
+                }));
+            }
+            Some(Ok(BuiltDatagram {
+                datagram: Bytes::from(out),
+                keyframe: header.base.is_none(),
+                tick: header.tick,
+            }))
+        })
+    }
+
+    /// The update's logic: `on_chunk` gets each chunk in cell order.
+    fn build_with(
+        &mut self,
+        world: &WorldState,
+        target: &TickState,
+        cache: &ChunkCache,
+        mut on_chunk: impl FnMut(CellId, &Bytes),
+    ) -> Option<Header> {
         if self.last_sent().is_some_and(|t| t >= target.tick) {
             return None;
         }
@@ -465,19 +843,18 @@ impl ClientView {
             });
         let cells = self.cells(world, target);
         let layout = world.layout();
-        let mut chunks = Vec::with_capacity(cells.len());
+        let mut chunks = 0;
         let mut dropped = Vec::new();
         let mut hash = StateHash(0);
+        let mut tally = Tally::default();
         for &cell in cells.iter() {
-            let now = target.cells.get(&cell);
+            let now = target.cell(cell);
             if let Some(now) = now {
                 hash = hash.combine(now.hash);
             }
-            let held = base.as_ref().and_then(|(state, held)| {
-                held.binary_search(&cell)
-                    .ok()
-                    .map(|_| state.cells.get(&cell))
-            });
+            let held = base
+                .as_ref()
+                .and_then(|(state, held)| held.binary_search(&cell).ok().map(|_| state.cell(cell)));
             // `held`: None = not held at the baseline (code from empty);
             // Some(None) = held, and empty; Some(Some(c)) = held with content.
             let before = held.flatten();
@@ -491,26 +868,30 @@ impl ClientView {
             }
             // A cell coded from empty is the same bytes whatever the baseline.
             let key_base = before.and(base.as_ref().map(|(s, _)| s.tick));
-            let data = cache.get_or_encode((cell, key_base, target.tick), || {
-                let empty = Snapshot::empty(layout);
-                let from = before.map_or(&empty, |c| &c.snapshot);
-                let to = now.map_or(&empty, |c| &c.snapshot);
-                encode_chunk(layout, from, to)
-            });
-            chunks.push(Chunk { cell, data });
+            cache.lookup(
+                (cell, key_base, target.tick),
+                || {
+                    let empty = Snapshot::empty(layout);
+                    let from = before.map_or(&empty, |c| &c.snapshot);
+                    let to = now.map_or(&empty, |c| &c.snapshot);
+                    encode_chunk(layout, from, to)
+                },
+                |data| on_chunk(cell, data),
+                &mut tally,
+            );
+            chunks += 1;
         }
+        cache.add(&tally);
         if let Some((state, held)) = &base {
-            for cell in held.iter() {
-                if state.cells.contains_key(cell) && cells.binary_search(cell).is_err() {
-                    dropped.push(*cell);
+            for &cell in held.iter() {
+                if state.cell(cell).is_some() && cells.binary_search(&cell).is_err() {
+                    dropped.push(cell);
                 }
             }
         }
-        let keyframe = base.is_none();
-        let update = Update {
+        let header = Header {
             tick: target.tick,
             base: base.as_ref().map(|(s, _)| s.tick),
-            predict_from: None,
             origin_time_us: target.origin_time_us,
             hash: hash.0,
             chunks,
@@ -520,7 +901,7 @@ impl ClientView {
         while self.sent.len() > self.max_sent {
             self.sent.pop_front();
         }
-        Some(Built { update, keyframe })
+        Some(header)
     }
 }
 
@@ -528,6 +909,7 @@ impl ClientView {
 mod tests {
     use super::*;
     use origin::Simulation;
+    use proto::interest::Grid;
 
     /// The thread's reused codec gives the bytes a fresh codec gives, also
     /// when chunks of two worlds (two layouts) alternate on one thread.
@@ -556,6 +938,70 @@ mod tests {
                     let mut fresh = Vec::new();
                     delta::encode(layout, from, None, to, &mut fresh);
                     assert_eq!(encode_chunk(layout, from, to), Bytes::from(fresh));
+                }
+            }
+        }
+    }
+
+    /// `build_datagram` writes the bytes proto's encoder writes for the
+    /// update `build_update` makes, over keyframes, deltas, moves of the
+    /// interest (dropped cells) and a world without cells; the dense cell
+    /// index finds what the `BTreeMap` holds.
+    #[test]
+    fn datagram_matches_the_encoded_update() {
+        let mut plaza = origin::worlds::plaza::Plaza::new(origin::worlds::plaza::PlazaConfig {
+            avatars: 400,
+            size_m: 400.0,
+            seed: 5,
+        });
+        let layout = Arc::new(plaza.schema().layout().unwrap());
+        for grid in [Some(Grid::new(50.0)), None] {
+            let mut world = WorldState::new(layout.clone(), grid, 8);
+            let cache = ChunkCache::new(true);
+            let mut views = [
+                ClientView::new(
+                    Interest::Around {
+                        x: 120.0,
+                        y: 80.0,
+                        radius: 110.0,
+                    },
+                    8,
+                ),
+                ClientView::new(Interest::All, 8),
+            ];
+            for tick in 1..30u64 {
+                plaza.step();
+                let snapshot = Arc::new(plaza.snapshot(&layout));
+                let hash = snapshot.hash();
+                let (state, _) = world.push(tick, 1000 + tick, hash, snapshot).unwrap();
+                for (id, cell) in &state.cells {
+                    assert_eq!(state.cell(*id).map(|c| c.hash), Some(cell.hash));
+                }
+                assert!(state.cell(CellId { x: 1000, y: 1000 }).is_none());
+                for (i, view) in views.iter_mut().enumerate() {
+                    if tick == 12 && i == 0 {
+                        view.set_interest(Interest::Around {
+                            x: 300.0,
+                            y: 250.0,
+                            radius: 90.0,
+                        });
+                    }
+                    let mut twin = view.clone();
+                    let built = view.build_update(&world, &state, &cache).unwrap();
+                    let fast = twin
+                        .build_datagram(&world, &state, &cache)
+                        .unwrap()
+                        .unwrap();
+                    let mut expected = bytes::BytesMut::new();
+                    proto::Message::Update(built.update.clone())
+                        .encode_datagram(&mut expected)
+                        .unwrap();
+                    assert_eq!(fast.datagram, expected.freeze(), "tick {tick}, view {i}");
+                    assert_eq!(fast.keyframe, built.keyframe);
+                    // Acks lag by one tick for one of them, and skip some.
+                    if tick % 5 != 0 {
+                        view.on_ack(tick - (i as u64 % 2).min(tick - 1));
+                    }
                 }
             }
         }

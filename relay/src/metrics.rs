@@ -23,6 +23,9 @@ pub struct Metrics {
     /// Seconds spent encoding chunks (cache misses). A counter: its name
     /// ends in `_total`, which Prometheus reserves for counters.
     pub encode_seconds: Counter,
+    /// Seconds spent splitting upstream ticks into cells (and hashing the
+    /// changed cells), a fixed cost per tick whatever the clients.
+    pub split_seconds: Counter,
     /// From a tick's arrival at the relay to its update leaving for a client.
     pub fanout_latency: Histogram,
     /// Age of the newest upstream tick when it arrived (origin clock).
@@ -113,6 +116,17 @@ impl Metrics {
                 let c = Counter::new(
                     "statecast_relay_encode_seconds_total",
                     "Seconds spent encoding delta chunks.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            split_seconds: {
+                let c = Counter::new(
+                    "statecast_relay_split_seconds_total",
+                    "Seconds spent splitting upstream ticks into cells.",
                 )
                 .expect("valid metric");
                 registry

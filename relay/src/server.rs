@@ -1,5 +1,5 @@
 //! The relay process: upstream subscriptions, the client QUIC server, the
-//! per-client fan-out tasks, input forwarding, admin HTTP, drain.
+//! per-world fan-out, input forwarding, admin HTTP, drain.
 //!
 //! ## Tasks
 //!
@@ -7,19 +7,23 @@
 //!   subscription, pushes them into the world's ring ([`WorldState`]),
 //!   publishes the newest tick on a `watch` (latest wins) and forwards the
 //!   inputs collected since the previous tick as one batch;
-//! - one task per client, running three loops at once: the *sender* wakes on
-//!   each new tick and sends the update [`ClientView::build_update`] makes
-//!   (a datagram when it fits, otherwise a short unidirectional stream; a
+//! - one *fan-out* task per world ([`fanout_loop`]): on each new tick it
+//!   builds every client's update ([`ClientView::build_datagram`]) and hands
+//!   it to quinn, the clients split in one shard per core; a datagram when
+//!   it fits, otherwise a short unidirectional stream with its own task (a
 //!   few such streams may be on their way at once, and when that many are,
-//!   ticks are skipped for that client; a stream is reset once the client
-//!   acknowledged a newer tick); the *datagram* loop takes
-//!   acks and inputs; the *control* loop takes interest changes;
+//!   ticks are skipped for that client and the newest goes once one has
+//!   arrived; a stream is reset once the client acknowledged a newer tick);
+//! - one task per client, running three loops at once: the *datagram* loop
+//!   takes acks and inputs; the *control* loop takes interest changes; the
+//!   *control sender* sends directory changes and the goaway;
 //! - an accept loop, a reaper that releases worlds nobody uses, the admin
 //!   HTTP server, and, on a tier relay, the publisher for child relays.
 //!
-//! A slow client never slows anyone else: nothing waits on a client's
-//! socket except that client's own task, datagrams that do not fit quinn's
-//! buffer are dropped oldest first, and while a client's stream updates are
+//! A slow client never slows anyone else: the fan-out never waits on a
+//! client (sending a datagram does not block, streams have their own
+//! tasks), datagrams that do not fit quinn's buffer are dropped oldest
+//! first, and while a client's stream updates are
 //! on their way (until the client acknowledged all of their bytes) newer
 //! ticks are skipped rather than queued, so the client gets the newest state
 //! next.
@@ -112,10 +116,41 @@ struct World {
     clients: AtomicUsize,
     idle_since: Mutex<Option<Instant>>,
     upstream: Mutex<Option<JoinHandle<()>>>,
+    /// The fan-out task ([`fanout_loop`]).
+    fanout: Mutex<Option<JoinHandle<()>>>,
+    /// The clients, for the fan-out (copied on change, read every tick).
+    sinks: Mutex<Arc<Vec<Arc<Sink>>>>,
     origin_rtt_us: AtomicU64,
 }
 
 impl World {
+    fn add_sink(&self, sink: &Arc<Sink>) {
+        let mut sinks = self.sinks.lock().expect("not poisoned");
+        let mut next = Vec::with_capacity(sinks.len() + 1);
+        next.extend(sinks.iter().cloned());
+        next.push(sink.clone());
+        *sinks = Arc::new(next);
+    }
+
+    fn remove_sink(&self, sink: &Arc<Sink>) {
+        let mut sinks = self.sinks.lock().expect("not poisoned");
+        let next: Vec<_> = sinks
+            .iter()
+            .filter(|s| !Arc::ptr_eq(s, sink))
+            .cloned()
+            .collect();
+        *sinks = Arc::new(next);
+    }
+
+    /// Stops the world's tasks.
+    fn stop_tasks(&self) {
+        for task in [&self.upstream, &self.fanout] {
+            if let Some(task) = task.lock().expect("not poisoned").take() {
+                task.abort();
+            }
+        }
+    }
+
     fn ring_capacity(config: &Config, tick_rate: u32) -> usize {
         config.ring_ticks.max(tick_rate as usize).max(2)
     }
@@ -125,6 +160,7 @@ impl World {
 struct Shared {
     config: Config,
     metrics: Metrics,
+    fanout: FanoutCounters,
     upstream: quinn::Endpoint,
     worlds: tokio::sync::Mutex<HashMap<String, Arc<World>>>,
     draining: watch::Sender<bool>,
@@ -302,6 +338,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
     let shared = Arc::new(Shared {
         config: config.clone(),
         metrics: metrics.clone(),
+        fanout: FanoutCounters::new(&metrics),
         upstream,
         worlds: tokio::sync::Mutex::new(HashMap::new()),
         draining,
@@ -390,9 +427,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         );
         let worlds: Vec<_> = task_shared.worlds.lock().await.drain().collect();
         for (_, world) in worlds {
-            if let Some(task) = world.upstream.lock().expect("not poisoned").take() {
-                task.abort();
-            }
+            world.stop_tasks();
         }
         task_shared
             .upstream
@@ -700,6 +735,8 @@ async fn open_world(shared: &Arc<Shared>, name: &str) -> Result<Arc<World>, (Err
         clients: AtomicUsize::new(0),
         idle_since: Mutex::new(Some(Instant::now())),
         upstream: Mutex::new(None),
+        fanout: Mutex::new(None),
+        sinks: Mutex::new(Arc::new(Vec::new())),
         origin_rtt_us: AtomicU64::new(sub.rtt().as_micros() as u64),
         info,
     });
@@ -711,6 +748,8 @@ async fn open_world(shared: &Arc<Shared>, name: &str) -> Result<Arc<World>, (Err
         child_rx,
     ));
     *world.upstream.lock().expect("not poisoned") = Some(task);
+    *world.fanout.lock().expect("not poisoned") =
+        Some(tokio::spawn(fanout_loop(shared.clone(), world.clone())));
     worlds.insert(name.to_string(), world.clone());
     shared.metrics.worlds.set(worlds.len() as i64);
     info!(world = name, "subscribed upstream");
@@ -740,12 +779,22 @@ async fn upstream_loop(
                 world
                     .origin_rtt_us
                     .store(sub.rtt().as_micros() as u64, Ordering::Relaxed);
-                let pushed = world.state.write().expect("not poisoned").push(
+                // Split under a shared lock (the fan-out keeps reading the
+                // ring meanwhile), added under the exclusive one. This task
+                // is the ring's only writer, so nothing comes in between.
+                let split_started = Instant::now();
+                let prepared = world.state.read().expect("not poisoned").prepare(
                     tick.tick,
                     tick.origin_time_us,
                     tick.hash,
                     tick.snapshot.clone(),
                 );
+                shared
+                    .metrics
+                    .split_seconds
+                    .inc_by(split_started.elapsed().as_secs_f64());
+                let pushed = prepared
+                    .and_then(|state| world.state.write().expect("not poisoned").commit(state));
                 if let Some((state, evicted)) = pushed {
                     if let Some(old) = evicted {
                         world.cache.evict_before(old + 1);
@@ -879,9 +928,7 @@ async fn reaper(shared: Arc<Shared>) {
                 return true;
             }
             info!(world = %name, "released: no client for {after:?}");
-            if let Some(task) = world.upstream.lock().expect("not poisoned").take() {
-                task.abort();
-            }
+            world.stop_tasks();
             false
         });
         shared.metrics.worlds.set(worlds.len() as i64);
@@ -1010,12 +1057,30 @@ async fn session(
     } else {
         shared.config.input_rate
     };
+    // The world's fan-out sends the updates from the next tick on; the
+    // newest tick goes now.
+    let sink = Arc::new(Sink {
+        conn: conn.clone(),
+        view: view.clone(),
+        state: Mutex::new(SinkState::default()),
+    });
+    world.add_sink(&sink);
+    let latest = world.latest.borrow().clone();
+    if let Some((tick, arrived)) = latest {
+        deliver(shared, &world, &sink, &tick, arrived);
+    }
     let result = tokio::select! {
-        r = sender(shared, conn, &world, &view) => r,
         r = datagrams(shared, conn, &world, &view, session_id, rate) => r,
         r = control_loop(&mut inbox, &view) => r,
         r = control_sender(shared, &mut control, peers) => r,
     };
+    world.remove_sink(&sink);
+    {
+        // Resets the streams still on their way (their senders drop).
+        let mut st = sink.state.lock().expect("not poisoned");
+        st.closed = true;
+        st.in_flight.clear();
+    }
     world.clients.fetch_sub(1, Ordering::Relaxed);
     shared.metrics.clients.dec();
     debug!(session = session_id, "session closed");
@@ -1159,128 +1224,216 @@ async fn datagrams(
     }
 }
 
-async fn sender(
-    shared: &Arc<Shared>,
-    conn: &quinn::Connection,
-    world: &World,
-    view: &Mutex<ClientView>,
-) -> Result<(), End> {
+/// Counters the fan-out touches for every update, resolved once (a
+/// labelled counter's lookup hashes its labels on every call).
+struct FanoutCounters {
+    datagrams: prometheus::IntCounter,
+    streams: prometheus::IntCounter,
+    datagram_send: prometheus::IntCounter,
+    stream_busy: prometheus::IntCounter,
+    stream_superseded: prometheus::IntCounter,
+}
+
+impl FanoutCounters {
+    fn new(metrics: &Metrics) -> FanoutCounters {
+        FanoutCounters {
+            datagrams: metrics.updates_sent.with_label_values(&["datagram"]),
+            streams: metrics.updates_sent.with_label_values(&["stream"]),
+            datagram_send: metrics.drops.with_label_values(&["datagram_send"]),
+            stream_busy: metrics.drops.with_label_values(&["stream_busy"]),
+            stream_superseded: metrics.drops.with_label_values(&["stream_superseded"]),
+        }
+    }
+}
+
+/// One client as the world's fan-out sees it.
+struct Sink {
+    conn: quinn::Connection,
+    view: Arc<Mutex<ClientView>>,
+    /// Locked for the whole of one delivery, so that two deliveries to the
+    /// same client (the fan-out's and a catch-up after a stream arrived)
+    /// never interleave.
+    state: Mutex<SinkState>,
+}
+
+#[derive(Default)]
+struct SinkState {
+    /// Stream updates on their way, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// A tick was skipped because the pipeline was full: the newest goes as
+    /// soon as a stream has arrived.
+    waiting: bool,
+    /// The session has ended: send nothing more.
+    closed: bool,
+}
+
+/// Sinks per fan-out shard, at least: below that one task does them all.
+const MIN_SHARD: usize = 64;
+
+/// The world's fan-out: on each new tick, builds and hands to quinn every
+/// client's update, in one loop per core (the clients split in equal
+/// shards) rather than one task per client. Sending a datagram never
+/// waits, so one loop serves every client; a slow client's streams have
+/// their own tasks, and while its pipeline is full its ticks are skipped.
+/// If the loop falls behind, it skips to the newest tick.
+async fn fanout_loop(shared: Arc<Shared>, world: Arc<World>) {
     let mut ticks = world.latest.subscribe();
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let drops = |reason: &str| shared.metrics.drops.with_label_values(&[reason]);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     loop {
+        if ticks.changed().await.is_err() {
+            return;
+        }
         let Some((tick, arrived)) = ticks.borrow_and_update().clone() else {
-            if ticks.changed().await.is_err() {
-                return Err(End::new(
-                    ErrorCode::UpstreamLost,
-                    "upstream",
-                    "world released",
-                ));
-            }
             continue;
         };
-        // Stream updates on their way: forget the delivered ones and reset
-        // those older than a tick the client has acknowledged since (they
-        // are superseded). When the pipeline is full, skip ticks until the
-        // oldest is delivered; the newest tick goes as soon as there is room.
-        let acked = view.lock().expect("not poisoned").acked();
-        for stream in std::mem::take(&mut in_flight) {
+        let sinks = world.sinks.lock().expect("not poisoned").clone();
+        let shards = (sinks.len() / MIN_SHARD).clamp(1, workers);
+        let per = sinks.len().div_ceil(shards);
+        let mut tasks = Vec::with_capacity(shards.saturating_sub(1));
+        for i in 1..shards {
+            let (shared, world, sinks, tick) =
+                (shared.clone(), world.clone(), sinks.clone(), tick.clone());
+            tasks.push(tokio::spawn(async move {
+                let end = ((i + 1) * per).min(sinks.len());
+                for sink in &sinks[(i * per).min(end)..end] {
+                    deliver(&shared, &world, sink, &tick, arrived);
+                }
+            }));
+        }
+        for sink in &sinks[..per.min(sinks.len())] {
+            deliver(&shared, &world, sink, &tick, arrived);
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Sends `sink` its update for `tick` (a datagram when it fits, otherwise a
+/// stream), unless it already has it or its stream pipeline is full.
+fn deliver(
+    shared: &Arc<Shared>,
+    world: &Arc<World>,
+    sink: &Arc<Sink>,
+    tick: &Arc<TickState>,
+    arrived: Instant,
+) {
+    let counters = &shared.fanout;
+    let mut st = sink.state.lock().expect("not poisoned");
+    if st.closed {
+        return;
+    }
+    // Stream updates on their way: forget the delivered ones and reset those
+    // older than a tick the client has acknowledged since (they are
+    // superseded). When the pipeline is full, skip this tick; the newest
+    // goes as soon as a stream has arrived.
+    if !st.in_flight.is_empty() {
+        let acked = sink.view.lock().expect("not poisoned").acked();
+        st.in_flight.retain_mut(|stream| {
             if stream.cancel.is_closed() {
-                continue;
+                return false;
             }
             if acked.is_some_and(|a| stream.tick < a) {
-                if stream.cancel.send(()).is_ok() {
-                    drops("stream_superseded").inc();
+                if std::mem::replace(&mut stream.cancel, oneshot::channel().0)
+                    .send(())
+                    .is_ok()
+                {
+                    counters.stream_superseded.inc();
                 }
-                continue;
+                return false;
             }
-            in_flight.push_back(stream);
+            true
+        });
+        if st.in_flight.len() >= stream_depth(sink.conn.rtt(), world.info.tick_rate) {
+            st.waiting = true;
+            counters.stream_busy.inc();
+            return;
         }
-        if in_flight.len() >= stream_depth(conn.rtt(), world.info.tick_rate)
-            && let Some(oldest) = in_flight.front_mut()
-        {
-            tokio::select! {
-                _ = oldest.cancel.closed() => {}
-                changed = ticks.changed() => {
-                    if changed.is_err() {
-                        return Err(End::new(
-                            ErrorCode::UpstreamLost,
-                            "upstream",
-                            "world released",
-                        ));
-                    }
-                    drops("stream_busy").inc();
-                }
-            }
-            continue;
+    }
+    st.waiting = false;
+    let built = {
+        let state = world.state.read().expect("not poisoned");
+        sink.view
+            .lock()
+            .expect("not poisoned")
+            .build_datagram(&state, tick, &world.cache)
+    };
+    let built = match built {
+        None => return,
+        Some(Err(e)) => {
+            warn!(error = %e, "update does not encode");
+            return;
         }
-        let built = {
-            let state = world.state.read().expect("not poisoned");
-            view.lock()
-                .expect("not poisoned")
-                .build_update(&state, &tick, &world.cache)
-        };
-        if let Some(built) = built {
-            let msg = Message::Update(built.update);
-            let len = msg.datagram_len();
-            let fits = conn.max_datagram_size().is_some_and(|max| len <= max);
-            if fits {
-                match transport::framed::encode_datagram(&msg) {
-                    Ok(bytes) => {
-                        if conn.send_datagram(bytes).is_ok() {
-                            shared
-                                .metrics
-                                .updates_sent
-                                .with_label_values(&["datagram"])
-                                .inc();
-                            shared.metrics.bytes_sent.inc_by(len as u64);
-                        } else {
-                            drops("datagram_send").inc();
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "update does not encode"),
-                }
-            } else {
-                match transport::framed::encode_frame(&msg) {
-                    Ok(bytes) => {
-                        let (cancel, cancelled) = oneshot::channel();
-                        in_flight.push_back(InFlight {
-                            tick: tick.tick,
-                            cancel,
-                        });
-                        shared
-                            .metrics
-                            .updates_sent
-                            .with_label_values(&["stream"])
-                            .inc();
-                        shared.metrics.bytes_sent.inc_by(bytes.len() as u64);
-                        tokio::spawn(send_stream(conn.clone(), bytes, cancelled));
-                    }
-                    Err(e) => warn!(error = %e, "update does not encode"),
-                }
-            }
-            if built.keyframe {
-                shared.metrics.keyframes.inc();
-            }
-            shared
-                .metrics
-                .fanout_latency
-                .observe(arrived.elapsed().as_secs_f64());
+        Some(Ok(built)) => built,
+    };
+    let len = built.datagram.len();
+    let fits = sink.conn.max_datagram_size().is_some_and(|max| len <= max);
+    if fits {
+        if sink.conn.send_datagram(built.datagram).is_ok() {
+            counters.datagrams.inc();
+            shared.metrics.bytes_sent.inc_by(len as u64);
+        } else {
+            counters.datagram_send.inc();
         }
-        if ticks.changed().await.is_err() {
-            return Err(End::new(
-                ErrorCode::UpstreamLost,
-                "upstream",
-                "world released",
-            ));
-        }
+    } else {
+        // The stream frame: varint(len) | the datagram's bytes.
+        let mut frame = Vec::with_capacity(len + 8);
+        crate::fanout::put_varint(&mut frame, len as u64);
+        frame.extend_from_slice(&built.datagram);
+        let (cancel, cancelled) = oneshot::channel();
+        st.in_flight.push_back(InFlight {
+            tick: built.tick,
+            cancel,
+        });
+        counters.streams.inc();
+        shared.metrics.bytes_sent.inc_by(frame.len() as u64);
+        tokio::spawn(send_stream(
+            sink.conn.clone(),
+            Bytes::from(frame),
+            cancelled,
+            Some((shared.clone(), world.clone(), Arc::downgrade(sink))),
+        ));
+    }
+    if built.keyframe {
+        shared.metrics.keyframes.inc();
+    }
+    shared
+        .metrics
+        .fanout_latency
+        .observe(arrived.elapsed().as_secs_f64());
+}
+
+/// After a stream update ended: if the client skipped ticks meanwhile, it
+/// gets the newest now.
+fn stream_ended(shared: &Arc<Shared>, world: &Arc<World>, sink: &std::sync::Weak<Sink>) {
+    let Some(sink) = sink.upgrade() else {
+        return;
+    };
+    if !sink.state.lock().expect("not poisoned").waiting {
+        return;
+    }
+    let latest = world.latest.borrow().clone();
+    if let Some((tick, arrived)) = latest {
+        deliver(shared, world, &sink, &tick, arrived);
     }
 }
 
 /// Writes one update on its own stream, unless cancelled first: then the
 /// stream is reset (dropping a quinn stream would finish it, and the client
 /// would see a cut-off frame), and the client takes the newer update.
-async fn send_stream(conn: quinn::Connection, bytes: Bytes, mut cancelled: oneshot::Receiver<()>) {
+async fn send_stream(
+    conn: quinn::Connection,
+    bytes: Bytes,
+    cancelled: oneshot::Receiver<()>,
+    ended: Option<(Arc<Shared>, Arc<World>, std::sync::Weak<Sink>)>,
+) {
+    write_stream(conn, bytes, cancelled).await;
+    if let Some((shared, world, sink)) = ended {
+        stream_ended(&shared, &world, &sink);
+    }
+}
+
+async fn write_stream(conn: quinn::Connection, bytes: Bytes, mut cancelled: oneshot::Receiver<()>) {
     let mut stream = tokio::select! {
         _ = &mut cancelled => return,
         opened = conn.open_uni() => match opened {
