@@ -117,12 +117,17 @@ impl DenseCells {
 
     /// The cell `id`; every cell outside the box is empty.
     fn get(&self, id: CellId) -> Option<&CellState> {
+        self.slot(id).and_then(|i| self.slots[i].as_ref())
+    }
+
+    /// The slot of `id`, if inside the box.
+    fn slot(&self, id: CellId) -> Option<usize> {
         let x = i64::from(id.x) - self.x0;
         let y = i64::from(id.y) - self.y0;
         if x < 0 || y < 0 || x >= self.width || y >= self.height {
             return None;
         }
-        self.slots[(y * self.width + x) as usize].as_ref()
+        Some((y * self.width + x) as usize)
     }
 }
 
@@ -217,15 +222,20 @@ impl WorldState {
         let mut cells = BTreeMap::new();
         match self.grid {
             Some(grid) => {
-                for (cell, part) in grid.split(&self.layout, &snapshot) {
-                    cells.insert(cell, share(previous.as_deref(), cell, part));
+                for (cell, members) in group_by_cell(&grid, &self.layout, &snapshot) {
+                    let hash = members.iter().fold(StateHash(0), |h, &i| {
+                        h.combine(snapshot.entity_hash(i as usize))
+                    });
+                    let part = snapshot.select(members.iter().map(|&i| i as usize));
+                    cells.insert(cell, share(previous.as_deref(), cell, part, hash));
                 }
             }
             None if !snapshot.is_empty() => {
                 let part = (*snapshot).clone();
+                let hash = part.hash();
                 cells.insert(
                     CellId::WORLD,
-                    share(previous.as_deref(), CellId::WORLD, part),
+                    share(previous.as_deref(), CellId::WORLD, part, hash),
                 );
             }
             None => {}
@@ -310,13 +320,62 @@ impl WorldState {
     }
 }
 
+/// The entities of `snapshot` grouped by cell, each group's indexes
+/// ascending (what [`Grid::split`] selects, without its `BTreeMap` of index
+/// lists: a counting sort over the cells' bounding box, or a sort when the
+/// box is sparse). Groups come in no particular order.
+fn group_by_cell(grid: &Grid, layout: &Layout, snapshot: &Snapshot) -> Vec<(CellId, Vec<u32>)> {
+    let n = snapshot.len();
+    let of: Vec<CellId> = (0..n).map(|i| grid.cell_of(layout, snapshot, i)).collect();
+    let (mut x0, mut y0, mut x1, mut y1) = (i64::MAX, i64::MAX, i64::MIN, i64::MIN);
+    for c in &of {
+        x0 = x0.min(c.x.into());
+        y0 = y0.min(c.y.into());
+        x1 = x1.max(c.x.into());
+        y1 = y1.max(c.y.into());
+    }
+    let area = (x1 - x0 + 1).saturating_mul(y1 - y0 + 1);
+    let dense = n > 0 && !of.contains(&CellId::WORLD) && area <= 4 * n as i64 + 256;
+    if !dense {
+        let mut keyed: Vec<(CellId, u32)> = of.into_iter().zip(0..n as u32).collect();
+        keyed.sort_unstable();
+        return keyed
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|g| (g[0].0, g.iter().map(|&(_, i)| i).collect()))
+            .collect();
+    }
+    let width = x1 - x0 + 1;
+    let slot = |c: &CellId| ((i64::from(c.y) - y0) * width + (i64::from(c.x) - x0)) as usize;
+    let mut start = vec![0u32; area as usize + 1];
+    for c in &of {
+        start[slot(c) + 1] += 1;
+    }
+    for i in 1..start.len() {
+        start[i] += start[i - 1];
+    }
+    let mut fill = start.clone();
+    let mut order = vec![0u32; n];
+    for (i, c) in of.iter().enumerate() {
+        let s = slot(c);
+        order[fill[s] as usize] = i as u32;
+        fill[s] += 1;
+    }
+    let mut groups = Vec::new();
+    for s in 0..area as usize {
+        let (a, b) = (start[s] as usize, start[s + 1] as usize);
+        if a < b {
+            groups.push((of[order[a] as usize], order[a..b].to_vec()));
+        }
+    }
+    groups
+}
+
 /// Reuses the previous tick's snapshot of a cell when nothing changed.
 ///
 /// The hash is needed for a changed cell anyway, and nearly every cell of a
 /// busy world changes every tick: compare hashes first and the contents
 /// only when they are equal (a hash alone is not proof enough to share).
-fn share(previous: Option<&TickState>, cell: CellId, part: Snapshot) -> CellState {
-    let hash = part.hash();
+fn share(previous: Option<&TickState>, cell: CellId, part: Snapshot, hash: StateHash) -> CellState {
     if let Some(old) = previous.and_then(|p| p.cell(cell))
         && old.hash == hash
         && *old.snapshot == part
@@ -347,7 +406,10 @@ const KEEP_TARGETS: u64 = 2;
 /// and every eviction a scan of all of them, for chunks never asked for
 /// again.
 pub struct ChunkCache {
+    /// Chunks of cells outside their target tick's dense index.
     map: DashMap<ChunkKey, Bytes, FxBuild>,
+    /// Chunks of cells inside it, one [`Plan`] per (target, baseline).
+    plans: std::sync::Mutex<Vec<Arc<Plan>>>,
     /// Newest target tick cached.
     newest: AtomicU64,
     hits: AtomicU64,
@@ -428,12 +490,81 @@ impl std::hash::Hasher for FxHasher {
     }
 }
 
+/// The chunks coded to one target tick against one baseline (`None`: from
+/// empty), in the slots of the target's dense cell index. An update looks
+/// its plan up once, then each chunk is a read of a `OnceLock`: no lock and
+/// no write to a shared cache line per chunk, where a `DashMap` lookup took
+/// a shard lock that both cores' fan-out loops kept taking.
+struct Plan {
+    target: u64,
+    base: Option<u64>,
+    slots: Box<[std::sync::OnceLock<Bytes>]>,
+}
+
+impl ChunkCache {
+    /// The plan for chunks to `target` from `base`, made on first use;
+    /// `None` when the cache is off or `target` has no dense index.
+    fn plan(&self, target: &TickState, base: Option<u64>) -> Option<Arc<Plan>> {
+        let dense = target.dense.as_ref()?;
+        if !self.enabled {
+            return None;
+        }
+        let mut plans = self.plans.lock().expect("not poisoned");
+        if let Some(plan) = plans
+            .iter()
+            .find(|p| p.target == target.tick && p.base == base)
+        {
+            return Some(plan.clone());
+        }
+        self.newest.fetch_max(target.tick, Ordering::Relaxed);
+        let plan = Arc::new(Plan {
+            target: target.tick,
+            base,
+            slots: (0..dense.slots.len())
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+        });
+        plans.push(plan.clone());
+        Some(plan)
+    }
+
+    /// [`ChunkCache::lookup`] for a cell of `plan`'s target.
+    fn lookup_in<R>(
+        plan: &Plan,
+        slot: usize,
+        encode: impl FnOnce() -> Bytes,
+        use_chunk: impl FnOnce(&Bytes) -> R,
+        tally: &mut Tally,
+    ) -> R {
+        let cell = &plan.slots[slot];
+        if let Some(hit) = cell.get() {
+            tally.hits += 1;
+            return use_chunk(hit);
+        }
+        let mut coded = false;
+        let bytes = cell.get_or_init(|| {
+            coded = true;
+            let started = std::time::Instant::now();
+            let bytes = encode();
+            tally.encode_ns += started.elapsed().as_nanos() as u64;
+            bytes
+        });
+        if coded {
+            tally.misses += 1;
+        } else {
+            tally.hits += 1;
+        }
+        use_chunk(bytes)
+    }
+}
+
 impl ChunkCache {
     /// A cache; `enabled = false` encodes every chunk for every client (the
     /// per-client baseline the benches compare against).
     pub fn new(enabled: bool) -> ChunkCache {
         ChunkCache {
             map: DashMap::with_hasher(FxBuild),
+            plans: std::sync::Mutex::new(Vec::new()),
             newest: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -513,16 +644,27 @@ impl ChunkCache {
         );
         self.map
             .retain(|&(_, base, target), _| target >= targets && base.is_none_or(|b| b >= tick));
+        self.plans
+            .lock()
+            .expect("not poisoned")
+            .retain(|p| p.target >= targets && p.base.is_none_or(|b| b >= tick));
     }
 
     /// Chunks held.
     pub fn len(&self) -> usize {
-        self.map.len()
+        let planned: usize = self
+            .plans
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|p| p.slots.iter().filter(|s| s.get().is_some()).count())
+            .sum();
+        self.map.len() + planned
     }
 
     /// Whether the cache is empty.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
     /// (hits, misses) so far.
@@ -545,6 +687,8 @@ thread_local! {
     /// `delta::encode` allocates and initialises a fresh set and then resets
     /// it once more, which cost more than coding a cell's few entities.
     static CODEC: RefCell<Option<delta::Codec>> = const { RefCell::new(None) };
+    /// The chunk being coded.
+    static CHUNK_OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Codes one cell's delta from `from` to `to` (the same bytes as
@@ -553,12 +697,18 @@ fn encode_chunk(layout: &Layout, from: &Snapshot, to: &Snapshot) -> Bytes {
     CODEC.with(|codec| {
         let mut codec = codec.borrow_mut();
         let codec = codec.get_or_insert_with(|| delta::Codec::new(layout));
-        // About 3 bytes per entity for a moving cell: one allocation, mostly.
-        let mut out = Vec::with_capacity(32 + 4 * to.len());
-        // `encode` resets the models first (and rebuilds them for another
-        // layout), so every chunk is coded from the same initial state.
-        codec.encode(layout, from, None, to, &mut out);
-        Bytes::from(out)
+        // Coded into this thread's reused buffer, then copied out at its
+        // exact size: one allocation per chunk (a `Vec` whose capacity is
+        // not its length costs `Bytes` a second one).
+        CHUNK_OUT.with(|out| {
+            let mut out = out.borrow_mut();
+            out.clear();
+            // `encode` resets the models first (and rebuilds them for
+            // another layout), so every chunk is coded from the same initial
+            // state.
+            codec.encode(layout, from, None, to, &mut out);
+            Bytes::copy_from_slice(&out)
+        })
     })
 }
 
@@ -606,6 +756,15 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, x: u64) {
 
 fn zigzag(v: i32) -> u64 {
     u64::from(((v << 1) ^ (v >> 31)) as u32)
+}
+
+/// Bytes of a cell id's wire form.
+fn cell_len(cell: CellId) -> usize {
+    if cell == CellId::WORLD {
+        1
+    } else {
+        proto::wire::varint_len(zigzag(cell.x) + 1) + proto::wire::varint_len(zigzag(cell.y))
+    }
 }
 
 /// A cell id's wire form (see `CellId::encode` in proto).
@@ -792,7 +951,18 @@ impl ClientView {
                 }
             }
             let base_gap = header.base.map_or(0, |b| header.tick - b);
-            let mut out = Vec::with_capacity(40 + body.len() + 4 * header.dropped.len());
+            let varint = |x: u64| proto::wire::varint_len(x);
+            let exact = 1
+                + varint(header.tick)
+                + varint(base_gap)
+                + 1
+                + 16
+                + varint(header.chunks as u64)
+                + body.len()
+                + varint(header.dropped.len() as u64)
+                + header.dropped.iter().map(|&c| cell_len(c)).sum::<usize>();
+            // Exactly its length: `Bytes` takes the allocation as it is.
+            let mut out = Vec::with_capacity(exact);
             out.push(proto::MessageType::Update.to_u8());
             put_varint(&mut out, header.tick);
             put_varint(&mut out, base_gap);
@@ -805,6 +975,7 @@ impl ClientView {
             for &cell in &header.dropped {
                 put_cell(&mut out, cell);
             }
+            debug_assert_eq!(out.len(), exact);
             if out.len() > proto::msg::MAX_FRAME {
                 return Some(Err(proto::EncodeError::TooLarge {
                     what: "update",
@@ -847,6 +1018,8 @@ impl ClientView {
         let mut dropped = Vec::new();
         let mut hash = StateHash(0);
         let mut tally = Tally::default();
+        // The plans of this update: against its baseline, and from empty.
+        let mut plans: [Option<Option<Arc<Plan>>>; 2] = [None, None];
         for &cell in cells.iter() {
             let now = target.cell(cell);
             if let Some(now) = now {
@@ -868,17 +1041,37 @@ impl ClientView {
             }
             // A cell coded from empty is the same bytes whatever the baseline.
             let key_base = before.and(base.as_ref().map(|(s, _)| s.tick));
-            cache.lookup(
-                (cell, key_base, target.tick),
-                || {
-                    let empty = Snapshot::empty(layout);
-                    let from = before.map_or(&empty, |c| &c.snapshot);
-                    let to = now.map_or(&empty, |c| &c.snapshot);
-                    encode_chunk(layout, from, to)
-                },
-                |data| on_chunk(cell, data),
-                &mut tally,
-            );
+            let encode = || {
+                let empty = Snapshot::empty(layout);
+                let from = before.map_or(&empty, |c| &c.snapshot);
+                let to = now.map_or(&empty, |c| &c.snapshot);
+                encode_chunk(layout, from, to)
+            };
+            let slot = target.dense.as_ref().and_then(|d| d.slot(cell));
+            let plan = match (slot, key_base) {
+                (None, _) => None,
+                (Some(_), Some(_)) => plans[0]
+                    .get_or_insert_with(|| cache.plan(target, key_base))
+                    .as_ref(),
+                (Some(_), None) => plans[1]
+                    .get_or_insert_with(|| cache.plan(target, None))
+                    .as_ref(),
+            };
+            match (plan, slot) {
+                (Some(plan), Some(slot)) => ChunkCache::lookup_in(
+                    plan,
+                    slot,
+                    encode,
+                    |data| on_chunk(cell, data),
+                    &mut tally,
+                ),
+                _ => cache.lookup(
+                    (cell, key_base, target.tick),
+                    encode,
+                    |data| on_chunk(cell, data),
+                    &mut tally,
+                ),
+            }
             chunks += 1;
         }
         cache.add(&tally);
@@ -938,6 +1131,36 @@ mod tests {
                     let mut fresh = Vec::new();
                     delta::encode(layout, from, None, to, &mut fresh);
                     assert_eq!(encode_chunk(layout, from, to), Bytes::from(fresh));
+                }
+            }
+        }
+    }
+
+    /// The relay's split gives [`Grid::split`]'s cells and hashes, in a
+    /// dense world, a sparse one and one without cells.
+    #[test]
+    fn split_matches_the_grid() {
+        for (avatars, size_m) in [(2000, 1000.0), (30, 100_000.0)] {
+            let mut plaza = origin::worlds::plaza::Plaza::new(origin::worlds::plaza::PlazaConfig {
+                avatars,
+                size_m,
+                seed: 2,
+            });
+            let layout = Arc::new(plaza.schema().layout().unwrap());
+            let grid = Grid::new(50.0);
+            let mut world = WorldState::new(layout.clone(), Some(grid), 4);
+            for tick in 1..4 {
+                plaza.step();
+                let snapshot = Arc::new(plaza.snapshot(&layout));
+                let (state, _) = world
+                    .push(tick, 0, snapshot.hash(), snapshot.clone())
+                    .unwrap();
+                let expected = grid.split(&layout, &snapshot);
+                assert_eq!(state.cells.len(), expected.len());
+                for (cell, part) in &expected {
+                    let got = &state.cells[cell];
+                    assert_eq!(*got.snapshot, *part);
+                    assert_eq!(got.hash, part.hash());
                 }
             }
         }

@@ -1067,7 +1067,7 @@ async fn session(
     world.add_sink(&sink);
     let latest = world.latest.borrow().clone();
     if let Some((tick, arrived)) = latest {
-        deliver(shared, &world, &sink, &tick, arrived);
+        deliver_one(shared, &world, &sink, &tick, arrived);
     }
     let result = tokio::select! {
         r = datagrams(shared, conn, &world, &view, session_id, rate) => r,
@@ -1295,28 +1295,101 @@ async fn fanout_loop(shared: Arc<Shared>, world: Arc<World>) {
                 (shared.clone(), world.clone(), sinks.clone(), tick.clone());
             tasks.push(tokio::spawn(async move {
                 let end = ((i + 1) * per).min(sinks.len());
-                for sink in &sinks[(i * per).min(end)..end] {
-                    deliver(&shared, &world, sink, &tick, arrived);
-                }
+                deliver_all(
+                    &shared,
+                    &world,
+                    &sinks[(i * per).min(end)..end],
+                    &tick,
+                    arrived,
+                );
             }));
         }
-        for sink in &sinks[..per.min(sinks.len())] {
-            deliver(&shared, &world, sink, &tick, arrived);
-        }
+        deliver_all(
+            &shared,
+            &world,
+            &sinks[..per.min(sinks.len())],
+            &tick,
+            arrived,
+        );
         for task in tasks {
             let _ = task.await;
         }
     }
 }
 
-/// Sends `sink` its update for `tick` (a datagram when it fits, otherwise a
-/// stream), unless it already has it or its stream pipeline is full.
-fn deliver(
+/// Sinks served under one read lock of the ring: few enough that the
+/// upstream task, adding the next tick, waits for a few updates at most.
+const LOCK_BATCH: usize = 32;
+
+/// [`deliver`] to each of `sinks`, counting in shard-local metrics (the
+/// shared ones are written once per shard, not by both cores per update).
+fn deliver_all(
+    shared: &Arc<Shared>,
+    world: &Arc<World>,
+    sinks: &[Arc<Sink>],
+    tick: &Arc<TickState>,
+    arrived: Instant,
+) {
+    let mut stats = ShardStats::new(shared);
+    for batch in sinks.chunks(LOCK_BATCH) {
+        let state = world.state.read().expect("not poisoned");
+        for sink in batch {
+            deliver(shared, world, &state, sink, tick, arrived, &mut stats);
+        }
+    }
+    stats.flush();
+}
+
+/// What [`deliver`] counts for every update, local to one loop.
+struct ShardStats {
+    datagrams: prometheus::local::LocalIntCounter,
+    bytes: prometheus::local::LocalIntCounter,
+    latency: prometheus::local::LocalHistogram,
+}
+
+impl ShardStats {
+    fn new(shared: &Shared) -> ShardStats {
+        ShardStats {
+            datagrams: shared.fanout.datagrams.local(),
+            bytes: shared.metrics.bytes_sent.local(),
+            latency: shared.metrics.fanout_latency.local(),
+        }
+    }
+
+    fn flush(&mut self) {
+        self.datagrams.flush();
+        self.bytes.flush();
+        self.latency.flush();
+    }
+}
+
+/// [`deliver`] to one sink now (a new client, or one whose stream arrived),
+/// taking the locks in the fan-out's order (ring, then sink).
+fn deliver_one(
     shared: &Arc<Shared>,
     world: &Arc<World>,
     sink: &Arc<Sink>,
     tick: &Arc<TickState>,
     arrived: Instant,
+) {
+    let mut stats = ShardStats::new(shared);
+    let state = world.state.read().expect("not poisoned");
+    deliver(shared, world, &state, sink, tick, arrived, &mut stats);
+    drop(state);
+    stats.flush();
+}
+
+/// Sends `sink` its update for `tick` (a datagram when it fits, otherwise a
+/// stream), unless it already has it or its stream pipeline is full. Lock
+/// order: the ring (`state`, held by the caller), the sink, its view.
+fn deliver(
+    shared: &Arc<Shared>,
+    world: &Arc<World>,
+    state: &WorldState,
+    sink: &Arc<Sink>,
+    tick: &Arc<TickState>,
+    arrived: Instant,
+    stats: &mut ShardStats,
 ) {
     let counters = &shared.fanout;
     let mut st = sink.state.lock().expect("not poisoned");
@@ -1351,13 +1424,11 @@ fn deliver(
         }
     }
     st.waiting = false;
-    let built = {
-        let state = world.state.read().expect("not poisoned");
-        sink.view
-            .lock()
-            .expect("not poisoned")
-            .build_datagram(&state, tick, &world.cache)
-    };
+    let built = sink
+        .view
+        .lock()
+        .expect("not poisoned")
+        .build_datagram(state, tick, &world.cache);
     let built = match built {
         None => return,
         Some(Err(e)) => {
@@ -1370,8 +1441,8 @@ fn deliver(
     let fits = sink.conn.max_datagram_size().is_some_and(|max| len <= max);
     if fits {
         if sink.conn.send_datagram(built.datagram).is_ok() {
-            counters.datagrams.inc();
-            shared.metrics.bytes_sent.inc_by(len as u64);
+            stats.datagrams.inc();
+            stats.bytes.inc_by(len as u64);
         } else {
             counters.datagram_send.inc();
         }
@@ -1397,10 +1468,7 @@ fn deliver(
     if built.keyframe {
         shared.metrics.keyframes.inc();
     }
-    shared
-        .metrics
-        .fanout_latency
-        .observe(arrived.elapsed().as_secs_f64());
+    stats.latency.observe(arrived.elapsed().as_secs_f64());
 }
 
 /// After a stream update ended: if the client skipped ticks meanwhile, it
@@ -1414,7 +1482,7 @@ fn stream_ended(shared: &Arc<Shared>, world: &Arc<World>, sink: &std::sync::Weak
     }
     let latest = world.latest.borrow().clone();
     if let Some((tick, arrived)) = latest {
-        deliver(shared, world, &sink, &tick, arrived);
+        deliver_one(shared, world, &sink, &tick, arrived);
     }
 }
 

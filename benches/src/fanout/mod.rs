@@ -152,6 +152,12 @@ pub struct ModeReport {
     pub cache_hit_ratio: Option<f64>,
     /// Relay CPU seconds spent encoding chunks per wall second.
     pub encode_cores: Option<f64>,
+    /// Relay CPU microseconds spent encoding chunks per update delivered
+    /// (for `per_client_encode`, what coding each client's chunks costs).
+    pub encode_us_per_update: Option<f64>,
+    /// Relay CPU seconds spent splitting upstream ticks into cells per wall
+    /// second (a fixed cost per tick; absent for relays without the metric).
+    pub split_cores: Option<f64>,
     /// Microseconds per chunk encoded (cache miss).
     pub encode_us_per_chunk: Option<f64>,
     /// Chunk lookups (hits and misses) per update delivered.
@@ -555,6 +561,8 @@ async fn measure(
         relay_drops: None,
         cache_hit_ratio: None,
         encode_cores: None,
+        encode_us_per_update: None,
+        split_cores: None,
         encode_us_per_chunk: None,
         chunks_per_update: None,
         rss_base_mib: rss_base as f64 / MIB,
@@ -577,6 +585,10 @@ async fn measure(
         report.cache_hit_ratio = (hits + misses > 0.0).then(|| hits / (hits + misses));
         let encode_s = delta("statecast_relay_encode_seconds_total");
         report.encode_cores = Some(encode_s / wall);
+        report.encode_us_per_update = (updates > 0).then(|| encode_s / updates as f64 * 1e6);
+        if after.sum("statecast_relay_split_seconds_total") > 0.0 {
+            report.split_cores = Some(delta("statecast_relay_split_seconds_total") / wall);
+        }
         report.encode_us_per_chunk = (misses > 0.0).then(|| encode_s / misses * 1e6);
         report.chunks_per_update = (updates > 0).then(|| (hits + misses) / updates as f64);
     }
@@ -647,7 +659,7 @@ pub fn details(rows: &[Row]) -> String {
         for m in reports.into_iter().flatten() {
             let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
             out.push_str(&format!(
-                "  {:<17} cpu {:.2} cores, {:.1} us/update, {:.0} updates/s, missed {}, {:.0} B/update ({:.1}% streams), wire {:.0} B/client/s, client latency p50 {} p99 {} ms, receiving {}/{}, RSS {:.1} -> {:.1} MiB, bench process {:.2} cores{}{}{}\n",
+                "  {:<17} cpu {:.2} cores, {:.1} us/update, {:.0} updates/s, missed {}, {:.0} B/update ({:.1}% streams), wire {:.0} B/client/s, client latency p50 {} p99 {} ms, receiving {}/{}, RSS {:.1} -> {:.1} MiB, bench process {:.2} cores{}{}{}{}{}\n",
                 m.mode,
                 m.cpu_cores,
                 m.cpu_us_per_update,
@@ -669,6 +681,10 @@ pub fn details(rows: &[Row]) -> String {
                     .map_or(String::new(), |e| format!(", encoding {e:.3} cores")),
                 m.encode_us_per_chunk
                     .map_or(String::new(), |e| format!(" ({e:.1} us/chunk)")),
+                m.encode_us_per_update
+                    .map_or(String::new(), |e| format!(", encoding {e:.1} us/update")),
+                m.split_cores
+                    .map_or(String::new(), |e| format!(", splitting ticks {e:.3} cores")),
             ));
             if m.failed_connects > 0 {
                 out.push_str(&format!(
