@@ -14,7 +14,11 @@
 //!   the UDP probe port (required: a relay that cannot be probed cannot be
 //!   chosen); `region=NAME`; `v=N`, the protocol version (relays that speak
 //!   another version than this client are skipped); `coords=X,Y,H`, network
-//!   coordinates in milliseconds. Unknown keys are ignored;
+//!   coordinates in milliseconds; `origin=MS`, the relay's RTT to its
+//!   origin in milliseconds (what its pongs report; a client ranks relays it
+//!   has not probed by predicted RTT plus this, see
+//!   [`Guide::with_origin_rtts`](crate::coords::Guide::with_origin_rtts)).
+//!   Unknown keys are ignored;
 //! - the host's A/AAAA records give its address.
 //!
 //! A relay whose records are incomplete is skipped with the reason
@@ -128,6 +132,8 @@ pub struct Relay {
     pub version: Option<u32>,
     /// Its network coordinates, if published.
     pub coords: Option<Coords>,
+    /// Its RTT to the origin, if published (TXT `origin=MS`).
+    pub origin_rtt: Option<Duration>,
     /// SRV priority (lower first).
     pub priority: u16,
     /// SRV weight.
@@ -640,6 +646,7 @@ struct Txt {
     region: Option<String>,
     version: Option<u32>,
     coords: Option<Coords>,
+    origin_rtt: Option<Duration>,
 }
 
 /// Parses `key=value` strings (several per string, separated by spaces).
@@ -685,6 +692,16 @@ fn parse_txt<'a>(strings: impl IntoIterator<Item = &'a [u8]>) -> Result<Txt, Str
                         }
                         _ => return Err(format!("bad coordinates {value:?}")),
                     }
+                }
+                "origin" if txt.origin_rtt.is_none() => {
+                    let ms = value
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|ms| {
+                            ms.is_finite() && (0.0..=crate::coords::MAX_RTT_MS).contains(ms)
+                        })
+                        .ok_or_else(|| format!("bad origin RTT {value:?}"))?;
+                    txt.origin_rtt = Some(Duration::from_secs_f64(ms / 1000.0));
                 }
                 _ => {}
             }
@@ -739,6 +756,7 @@ async fn relay(
         region: parsed.region,
         version: parsed.version,
         coords: parsed.coords,
+        origin_rtt: parsed.origin_rtt,
         priority,
         weight,
     };
@@ -758,7 +776,7 @@ mod tests {
         let t = txt(&[
             "region=eu-west",
             "probe=4435 v=1",
-            "coords=1.5,-2,0.25 other=x",
+            "coords=1.5,-2,0.25 other=x origin=12.5",
         ])
         .unwrap();
         assert_eq!(
@@ -768,6 +786,7 @@ mod tests {
                 region: Some("eu-west".into()),
                 version: Some(1),
                 coords: Some([1.5, -2.0, 0.25]),
+                origin_rtt: Some(Duration::from_micros(12_500)),
             }
         );
         // The first value wins; words without '=' are ignored.
@@ -782,6 +801,10 @@ mod tests {
             "coords=1,2",
             "coords=1,2,NaN",
             "coords=a,b,c",
+            "origin=-1",
+            "origin=NaN",
+            "origin=fast",
+            "origin=1e9",
             "region=",
         ] {
             assert!(txt(&[bad]).is_err(), "{bad}");

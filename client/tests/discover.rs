@@ -101,7 +101,7 @@ fn zone() -> Vec<Record> {
         // Everything in one string, and a shorter TTL.
         txt(
             "relay2.zone.test.",
-            &["region=us-east probe=5435 coords=1.5,-2,0.25"],
+            &["region=us-east probe=5435 coords=1.5,-2,0.25 origin=12.5"],
             7,
         ),
         txt("relay3.zone.test.", &["probe=6435"], TTL),
@@ -144,10 +144,12 @@ async fn check_zone(dns: SocketAddr) {
     assert_eq!(r2.probe, "127.0.0.3:5435".parse().unwrap());
     assert_eq!(r2.region.as_deref(), Some("us-east"));
     assert_eq!(r2.coords, Some([1.5, -2.0, 0.25]));
+    assert_eq!(r2.origin_rtt, Some(Duration::from_micros(12_500)));
     assert_eq!(r2.version, None);
     assert_eq!((r2.priority, r2.weight), (10, 80));
     let r1 = &found.relays[1];
     assert_eq!(r1.probe, "127.0.0.2:4435".parse().unwrap());
+    assert_eq!(r1.origin_rtt, None);
     assert_eq!(r1.version, Some(1));
     assert_eq!(found.relays[2].region, None);
     // The skipped ones, with their reasons.
@@ -303,7 +305,8 @@ fn dnsmasq_zone() -> Vec<String> {
         // Three strings.
         "txt-record=relay1.zone.test,region=eu-west,probe=4435,v=1".into(),
         // One string (quoted: it holds commas).
-        r#"txt-record=relay2.zone.test,"region=us-east probe=5435 coords=1.5,-2,0.25""#.into(),
+        r#"txt-record=relay2.zone.test,"region=us-east probe=5435 coords=1.5,-2,0.25 origin=12.5""#
+            .into(),
         "txt-record=relay3.zone.test,probe=6435".into(),
         "txt-record=old.zone.test,region=eu-west probe=7435 v=99".into(),
         "txt-record=noprobe.zone.test,region=eu-west".into(),

@@ -303,27 +303,29 @@ fn shipped_matrix_has_the_documented_shape() {
     assert!((20..300).contains(&missing), "{missing} missing pairs");
 }
 
-/// The shipped matrix (120 relays, 5 ms of jitter, 2% loss): coordinates
+/// The shipped matrix (120 relays, 5 ms of jitter, 2% loss), each origin
+/// choice and none: coordinates, with the relays' published origin RTTs,
 /// keep probing within 8 relays and choose near the best far more often
-/// than 8 relays without hints. This is a floor under the measured figures
-/// (benches/README.md, "Routing at scale": 76% near best with the origin
-/// in Frankfurt, 91% in Ashburn, against 54% unhinted), not the issue's
-/// 99% target, which coordinates alone do not reach on this matrix.
+/// than 8 relays without hints. A floor under the measured figures
+/// (benches/README.md, "Routing at scale": 98.7% near best with the origin
+/// in Frankfurt, 99.0% in Ashburn, 94.7% without an origin; 98.3 to 99.3%
+/// and 94.7 to 96.7% over seeds 1 to 3), with a margin for the noise of
+/// other seeds. The code before this floor reached 76 / 91 / 73%.
 #[test]
-fn shipped_matrix_coordinates_beat_unhinted_probing_within_the_budget() {
+fn shipped_matrix_coordinates_come_near_the_target_within_the_budget() {
     let m = world();
-    for origin in ["o-euc", "o-use"] {
-        let config = RouteConfig::new(nodes_with_prefix(&m, "r-"), m.node(origin));
+    for (origin, floor) in [(Some("o-euc"), 0.96), (Some("o-use"), 0.96), (None, 0.92)] {
+        let config = RouteConfig::new(nodes_with_prefix(&m, "r-"), origin.and_then(|o| m.node(o)));
         let net = Network::new(&m, config).unwrap();
         let coords = net.run(&Strategy::coords(), &mut |_, _| {});
         let unhinted = net.run(&Strategy::unhinted(), &mut |_, _| {});
         assert!(coords.clients >= 290, "{coords:?}");
-        assert!(coords.relays_probed_max <= 8, "{origin}: {coords:#?}");
-        assert!(unhinted.relays_probed_max <= 9, "{origin}: {unhinted:#?}");
-        assert!(coords.near_best_share >= 0.70, "{origin}: {coords:#?}");
+        assert!(coords.relays_probed_max <= 8, "{origin:?}: {coords:#?}");
+        assert!(unhinted.relays_probed_max <= 9, "{origin:?}: {unhinted:#?}");
+        assert!(coords.near_best_share >= floor, "{origin:?}: {coords:#?}");
         assert!(
-            coords.near_best_share >= unhinted.near_best_share + 0.1,
-            "{origin}: coords {} unhinted {}",
+            coords.near_best_share >= unhinted.near_best_share + 0.3,
+            "{origin:?}: coords {} unhinted {}",
             coords.near_best_share,
             unhinted.near_best_share
         );
