@@ -364,8 +364,10 @@ pub fn fit(samples: &[(Coords, f64)]) -> Option<Coords> {
 /// pull nodes out of place locally (a relay equally far from all its
 /// neighbours ends up among them with a tall height). The fit weighs
 /// relative error, so near peers decide. Measured on the shipped lab
-/// matrix: five passes over all relays take the relay-to-relay error from
-/// 8.9% median / 26.7% p90 to about 7.5% / 19%.
+/// matrix (`statecast lab route`): three passes over all relays take the
+/// relay-to-relay error from 8.9% median / 26.7% p90 to 7.4% / 18.5%, and
+/// clients near the best from 94.9% to 97.5% on average over the origin
+/// choices.
 pub fn refine(current: &Coords, samples: &[(Coords, f64)]) -> Option<Coords> {
     let start = point(current)?;
     let mut sorted: Vec<(Coords, f64)> = samples.to_vec();
