@@ -58,7 +58,8 @@
 //!    round that answered nothing is first replaced by its nearest unprobed
 //!    neighbour. Repeat until [`GuideConfig::budget`] relays are probed.
 //!    Every relay is hinted with its predicted RTT
-//!    ([`Selector::set_hint`]) for the selector's later rounds.
+//!    ([`Selector::set_hint`]) and its published origin RTT
+//!    ([`Selector::set_origin_hint`]) for the selector's later rounds.
 //!
 //! Each round adds a sample nearer the client, so the fit improves where it
 //! matters, near the best relays; the first, far-apart samples only need to
@@ -791,6 +792,9 @@ impl Guide {
             };
             if let Some(rtt) = self.predict_rtt(&c) {
                 selector.set_hint(e.addr, millis(rtt));
+            }
+            if let Some(&origin) = self.published.get(&e.addr) {
+                selector.set_origin_hint(e.addr, millis(origin));
             }
             if !e.probed
                 && let Some(p) = self.predict_score_of(e.addr, &c)

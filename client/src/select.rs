@@ -25,7 +25,8 @@
 //! current relay, always): the most promising by expected score. For a
 //! candidate that answered, that is its score; for one never probed, its
 //! hint ([`Candidate::hint`], from DNS region hints or network coordinates)
-//! plus the typical origin RTT of the relays measured so far; candidates
+//! plus its published origin RTT ([`Selector::set_origin_hint`]), else the
+//! typical origin RTT of the relays measured so far; candidates
 //! without a hint come next, in the order given; candidates whose pongs
 //! stopped come last.
 //!
@@ -311,6 +312,9 @@ struct Slot {
     reported: Option<Reported>,
     /// Pongs from this candidate in the current round.
     round_answers: u32,
+    /// Its RTT to the origin as published before any probe
+    /// ([`Selector::set_origin_hint`]).
+    origin_hint: Option<Duration>,
 }
 
 impl Slot {
@@ -427,6 +431,7 @@ impl Selector {
             probed: false,
             reported: None,
             round_answers: 0,
+            origin_hint: None,
         });
         self.scores.push(None);
         true
@@ -473,6 +478,22 @@ impl Selector {
         match self.by_addr.get(&canonical(addr)) {
             Some(&i) => {
                 self.slots[i].candidate.hint = hint;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sets the RTT to the origin that the candidate probed at `addr`
+    /// publishes (DNS TXT `origin=MS`, a directory): until it answers, its
+    /// expected score in the active set is its hint plus this instead of
+    /// the typical origin RTT of the relays measured so far. Once it
+    /// answers, what its pongs report counts. Returns `false`, and changes
+    /// nothing, for an address that is not a candidate.
+    pub fn set_origin_hint(&mut self, addr: SocketAddr, origin_rtt: Option<Duration>) -> bool {
+        match self.by_addr.get(&canonical(addr)) {
+            Some(&i) => {
+                self.slots[i].origin_hint = origin_rtt;
                 true
             }
             None => false,
@@ -717,7 +738,7 @@ impl Selector {
                 } else if let (true, Some(score)) = (slot.alive(dead_after), scores[i]) {
                     (0, score.total, i)
                 } else if let Some(hint) = slot.candidate.hint {
-                    (0, hint + typical, i)
+                    (0, hint + slot.origin_hint.unwrap_or(typical), i)
                 } else {
                     (1, Duration::ZERO, i)
                 }

@@ -610,6 +610,32 @@ fn probing_is_bounded_to_max_probed_among_many_candidates() {
 }
 
 #[test]
+fn a_published_origin_rtt_ranks_candidates_before_any_probe() {
+    // a looks nearer (10 ms) but publishes 100 ms to the origin; b (30 ms)
+    // publishes 0. One probed a round: a without origin hints, b with.
+    let first = |origin_hints: bool| {
+        let t0 = Instant::now();
+        let mut a = Candidate::new(addr(0), addr(0));
+        a.hint = Some(MS * 10);
+        let mut b = Candidate::new(addr(1), addr(1));
+        b.hint = Some(MS * 30);
+        let config = Config {
+            max_probed: 1,
+            ..Config::default()
+        };
+        let mut sel = Selector::new(config, vec![a, b], t0);
+        if origin_hints {
+            assert!(sel.set_origin_hint(addr(0), Some(MS * 100)));
+            assert!(sel.set_origin_hint(addr(1), Some(Duration::ZERO)));
+        }
+        assert!(!sel.set_origin_hint(addr(9), Some(MS)), "not a candidate");
+        sel.poll_transmit(t0).map(|(to, _)| to)
+    };
+    assert_eq!(first(false), Some(addr(0)));
+    assert_eq!(first(true), Some(addr(1)));
+}
+
+#[test]
 fn dead_hinted_candidates_are_replaced_by_the_next_ones_at_once() {
     // 100 relays; the ten with the best hints never answer.
     let mut relays: Vec<Relay> = (0..100).map(|i| Relay::new(20 + i)).collect();
