@@ -554,31 +554,29 @@ fn print_summary(summary: &Summary) {
     }
 }
 
-/// One `HOST:PORT[/PROBE_PORT]` of `--relays`, resolved.
-async fn static_candidate(entry: &str) -> anyhow::Result<Candidate> {
-    let entry = entry.trim();
-    let (quic, probe_port) = match entry.rsplit_once('/') {
-        Some((quic, port)) => {
-            let port: u16 = port
-                .parse()
-                .ok()
-                .filter(|p| *p != 0)
-                .with_context(|| format!("{entry:?}: {port:?} is not a probe port"))?;
-            (quic, Some(port))
-        }
-        None => (entry, None),
-    };
-    let connect = resolve(quic).await?;
-    let probe_port = match probe_port {
-        Some(port) => port,
-        None => connect.port().checked_add(1).with_context(|| {
-            format!("{entry:?}: no probe port, and the client port + 1 does not exist")
-        })?,
-    };
-    Ok(Candidate::new(
-        SocketAddr::new(connect.ip(), probe_port),
-        connect,
-    ))
+/// The candidates of `--relays` (see [`client::discover::from_static`]):
+/// IP literals at once; when an entry names a host, the whole list again
+/// through the system's resolvers. Any entry left out is an error.
+async fn static_candidates(list: &[String]) -> anyhow::Result<Vec<Candidate>> {
+    let entries: Vec<&str> = list.iter().map(|s| s.trim()).collect();
+    let mut found = client::discover::from_static(&entries);
+    if !found.skipped.is_empty()
+        && let Ok(resolver) = Discoverer::system(Duration::from_secs(5))
+    {
+        found = resolver.from_static(&entries).await;
+    }
+    if !found.skipped.is_empty() {
+        bail!(
+            "--relays: {}",
+            found
+                .skipped
+                .iter()
+                .map(|s| format!("{}: {}", s.host, s.reason))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    Ok(found.candidates)
 }
 
 /// The candidates of `--relays` or `--discover`.
@@ -601,10 +599,7 @@ async fn candidates(args: &Args) -> anyhow::Result<(Vec<Candidate>, String)> {
         let candidates = found.relays.iter().map(|r| r.candidate(None)).collect();
         return Ok((candidates, domain.clone()));
     }
-    let mut candidates = Vec::with_capacity(args.relays.len());
-    for entry in &args.relays {
-        candidates.push(static_candidate(entry).await?);
-    }
+    let candidates = static_candidates(&args.relays).await?;
     Ok((candidates, args.relays.join(",")))
 }
 
@@ -697,19 +692,22 @@ mod tests {
 
     #[tokio::test]
     async fn static_candidates_take_a_probe_port_or_the_next_one() {
-        let c = static_candidate("127.0.0.1:4434").await.unwrap();
-        assert_eq!(c.connect, "127.0.0.1:4434".parse().unwrap());
-        assert_eq!(c.addr, "127.0.0.1:4435".parse().unwrap());
-        let c = static_candidate(" 127.0.0.2:5000/6000").await.unwrap();
-        assert_eq!(c.connect, "127.0.0.2:5000".parse().unwrap());
-        assert_eq!(c.addr, "127.0.0.2:6000".parse().unwrap());
+        let list = |s: &str| s.split(',').map(str::to_owned).collect::<Vec<_>>();
+        let c = static_candidates(&list("127.0.0.1:4434, 127.0.0.2:5000/6000"))
+            .await
+            .unwrap();
+        assert_eq!(c[0].connect, "127.0.0.1:4434".parse().unwrap());
+        assert_eq!(c[0].addr, "127.0.0.1:4435".parse().unwrap());
+        assert_eq!(c[1].connect, "127.0.0.2:5000".parse().unwrap());
+        assert_eq!(c[1].addr, "127.0.0.2:6000".parse().unwrap());
         for bad in [
             "127.0.0.1:4434/x",
             "127.0.0.1:4434/0",
             "127.0.0.1:65535",
-            "nohost",
+            "127.0.0.1",
         ] {
-            assert!(static_candidate(bad).await.is_err(), "{bad}");
+            let error = static_candidates(&list(bad)).await.unwrap_err().to_string();
+            assert!(error.contains(bad), "{bad}: {error}");
         }
     }
 

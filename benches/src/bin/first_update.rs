@@ -199,7 +199,11 @@ async fn main() -> anyhow::Result<()> {
             .context("no first update within 10 s")??;
             firsts.push(ms(first));
             if std::env::var_os("FIRST_UPDATE_DEBUG").is_some() {
-                eprintln!(" connected {:.1} ms, first update {:.1} ms", ms(connected), ms(first));
+                eprintln!(
+                    " connected {:.1} ms, first update {:.1} ms",
+                    ms(connected),
+                    ms(first)
+                );
             }
             if roamer.relay().map(|r| r.addr) == Some(best) {
                 picked_best += 1;
