@@ -25,12 +25,12 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::io::IsTerminal;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use client::discover::Discoverer;
-use client::select::{Candidate, Config, Estimate, ScoreParts, Selector};
+use client::select::{Candidate, Config, Estimate, ScoreParts, Selector, canonical, mapped};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use proto::msg::{Message, VERSION};
 use serde::Serialize;
@@ -415,17 +415,6 @@ async fn probe_rounds(
             },
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
         }
-    }
-}
-
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-fn mapped(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), addr.port()),
-        IpAddr::V6(_) => addr,
     }
 }
 

@@ -62,7 +62,7 @@
 //! ([`RoamError::Session`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -1199,7 +1199,7 @@ async fn probe_loop(
             if Message::Ping(ping).encode_datagram(&mut out).is_err() {
                 continue;
             }
-            let to = if v6 { mapped(to) } else { to };
+            let to = if v6 { select::mapped(to) } else { to };
             if let Err(e) = socket.send_to(&out, to).await {
                 // Counted as lost when it times out.
                 tracing::trace!(%to, error = %e, "ping not sent");
@@ -1215,7 +1215,7 @@ async fn probe_loop(
             received = socket.recv_from(&mut buf) => match received {
                 Ok((len, from)) => {
                     if let Ok(Message::Pong(pong)) = Message::decode_datagram(&buf[..len], VERSION) {
-                        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                        let from = select::canonical(from);
                         selector
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -1230,13 +1230,6 @@ async fn probe_loop(
             },
             _ = tokio::time::sleep_until(wake) => {}
         }
-    }
-}
-
-fn mapped(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), addr.port()),
-        IpAddr::V6(_) => addr,
     }
 }
 

@@ -383,9 +383,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// The same address whether it arrived as IPv4 or IPv4-mapped IPv6.
-fn canonical(addr: SocketAddr) -> SocketAddr {
+/// The same address whether it arrived as IPv4 or IPv4-mapped IPv6: how
+/// the selector names candidates and matches pongs.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// The address to send to from a dual-stack IPv6 socket: IPv4 addresses
+/// as IPv4-mapped IPv6.
+pub fn mapped(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), addr.port()),
+        std::net::IpAddr::V6(_) => addr,
+    }
 }
 
 impl Selector {

@@ -497,6 +497,18 @@ fn current_load(shared: &Shared) -> u16 {
 /// addresses of its own entry in the directory if it has one, else the
 /// bound ones), then its peers (load 0: unknown, clients probe them).
 /// `None` when no peers are configured.
+/// Sends the directory on a client's control stream, if the relay has
+/// peers.
+async fn send_directory(shared: &Shared, control: &mut FramedSend) -> Result<(), End> {
+    if let Some(directory) = directory(shared) {
+        control
+            .send(&Message::Directory(directory))
+            .await
+            .map_err(|e| End::new(ErrorCode::Normal, "closed", e.to_string()))?;
+    }
+    Ok(())
+}
+
 fn directory(shared: &Shared) -> Option<Directory> {
     let peers = shared.directory.borrow();
     if peers.is_empty() {
@@ -1042,12 +1054,7 @@ async fn session(
     // missed between the two.
     let mut peers = shared.directory.subscribe();
     peers.mark_unchanged();
-    if let Some(directory) = directory(shared) {
-        control
-            .send(&Message::Directory(directory))
-            .await
-            .map_err(|e| End::new(ErrorCode::Normal, "closed", e.to_string()))?;
-    }
+    send_directory(shared, &mut control).await?;
 
     world.clients.fetch_add(1, Ordering::Relaxed);
     shared.metrics.clients.inc();
@@ -1108,12 +1115,7 @@ async fn control_sender(
                     continue;
                 }
                 peers.mark_unchanged();
-                if let Some(directory) = directory(shared) {
-                    control
-                        .send(&Message::Directory(directory))
-                        .await
-                        .map_err(|e| End::new(ErrorCode::Normal, "closed", e.to_string()))?;
-                }
+                send_directory(shared, control).await?;
             }
         }
     }

@@ -248,11 +248,10 @@ pub async fn run(
         refresh(&roamer, &mut n);
     }
     // Inputs and publishing ride on the roamer's events rather than on
-    // timers of their own: a `select!` on a timer would drop a pending
-    // `next_event` call, and with it a move to another relay that is
-    // under way inside it (the handshake starts over, and the replica to
-    // resume from is lost). Between relays there are no events, and no
-    // session to send inputs on either.
+    // timers of their own: one wake-up per tick serves both, and between
+    // relays there are no events and no session to send inputs on.
+    // (`next_event` is cancel safe, so a timer in the `select!` would be
+    // correct too, only more wake-ups.)
     let input_period =
         (common.input_hz > 0.0).then(|| Duration::from_secs_f64(1.0 / common.input_hz));
     let mut next_input = Instant::now()
