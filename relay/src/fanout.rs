@@ -37,7 +37,7 @@ use proto::{Layout, Snapshot, StateHash, delta};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// One cell of one tick.
 #[derive(Clone, Debug)]
@@ -215,28 +215,49 @@ impl WorldState {
         hash: StateHash,
         snapshot: Arc<Snapshot>,
     ) -> Option<Arc<TickState>> {
+        self.prepare_hashed(tick, origin_time_us, hash, snapshot, None)
+    }
+
+    /// [`WorldState::prepare`], given the hash of every entity of
+    /// `snapshot` by index (as the upstream feed keeps them:
+    /// `transport::feed::Subscription::entity_hashes`), so that no entity
+    /// is hashed again. Ignored unless there is one per entity.
+    pub fn prepare_hashed(
+        &self,
+        tick: u64,
+        origin_time_us: u64,
+        hash: StateHash,
+        snapshot: Arc<Snapshot>,
+        entity_hashes: Option<&[StateHash]>,
+    ) -> Option<Arc<TickState>> {
         if self.ring.back().is_some_and(|last| last.tick >= tick) {
             return None;
         }
+        let hashes = entity_hashes.filter(|h| h.len() == snapshot.len());
+        let entity_hash = |i: usize| hashes.map_or_else(|| snapshot.entity_hash(i), |h| h[i]);
         let previous = self.ring.back().cloned();
         let mut cells = BTreeMap::new();
         match self.grid {
             Some(grid) => {
                 for (cell, members) in group_by_cell(&grid, &self.layout, &snapshot) {
-                    let hash = members.iter().fold(StateHash(0), |h, &i| {
-                        h.combine(snapshot.entity_hash(i as usize))
-                    });
-                    let part = snapshot.select(members.iter().map(|&i| i as usize));
-                    cells.insert(cell, share(previous.as_deref(), cell, part, hash));
+                    let hash = members
+                        .iter()
+                        .fold(StateHash(0), |h, &i| h.combine(entity_hash(i as usize)));
+                    let state = share(previous.as_deref(), cell, &snapshot, &members, hash);
+                    cells.insert(cell, state);
                 }
             }
             None if !snapshot.is_empty() => {
-                let part = (*snapshot).clone();
-                let hash = part.hash();
-                cells.insert(
-                    CellId::WORLD,
-                    share(previous.as_deref(), CellId::WORLD, part, hash),
-                );
+                let hash = (0..snapshot.len()).fold(StateHash(0), |h, i| h.combine(entity_hash(i)));
+                let state = match previous.as_deref().and_then(|p| p.cell(CellId::WORLD)) {
+                    Some(old) if old.hash == hash && *old.snapshot == *snapshot => old.clone(),
+                    // The tick's own snapshot: the world is its one cell.
+                    _ => CellState {
+                        snapshot: snapshot.clone(),
+                        hash,
+                    },
+                };
+                cells.insert(CellId::WORLD, state);
             }
             None => {}
         }
@@ -370,22 +391,43 @@ fn group_by_cell(grid: &Grid, layout: &Layout, snapshot: &Snapshot) -> Vec<(Cell
     groups
 }
 
-/// Reuses the previous tick's snapshot of a cell when nothing changed.
+/// Reuses the previous tick's snapshot of a cell when nothing changed: the
+/// cell's entities are `members` of `snapshot`.
 ///
 /// The hash is needed for a changed cell anyway, and nearly every cell of a
-/// busy world changes every tick: compare hashes first and the contents
-/// only when they are equal (a hash alone is not proof enough to share).
-fn share(previous: Option<&TickState>, cell: CellId, part: Snapshot, hash: StateHash) -> CellState {
+/// busy world changes every tick: compare hashes first, and the contents
+/// (in place: a cell that did not change costs no copy) only when they are
+/// equal (a hash alone is not proof enough to share).
+fn share(
+    previous: Option<&TickState>,
+    cell: CellId,
+    snapshot: &Snapshot,
+    members: &[u32],
+    hash: StateHash,
+) -> CellState {
     if let Some(old) = previous.and_then(|p| p.cell(cell))
         && old.hash == hash
-        && *old.snapshot == part
+        && same_entities(&old.snapshot, snapshot, members)
     {
         return old.clone();
     }
     CellState {
-        snapshot: Arc::new(part),
+        snapshot: Arc::new(snapshot.select(members.iter().map(|&i| i as usize))),
         hash,
     }
+}
+
+/// Whether `part` holds exactly the entities `members` of `whole`.
+fn same_entities(part: &Snapshot, whole: &Snapshot, members: &[u32]) -> bool {
+    part.len() == members.len()
+        && part.lanes_per_entity() == whole.lanes_per_entity()
+        && part.blobs_per_entity() == whole.blobs_per_entity()
+        && members.iter().enumerate().all(|(k, &i)| {
+            let i = i as usize;
+            part.ids()[k] == whole.ids()[i]
+                && part.lanes(k) == whole.lanes(i)
+                && part.blobs(k) == whole.blobs(i)
+        })
 }
 
 /// Key of a cached chunk: the cell, the baseline it is coded against (`None`
@@ -415,6 +457,8 @@ pub struct ChunkCache {
     hits: AtomicU64,
     misses: AtomicU64,
     encode_ns: AtomicU64,
+    /// Chunks coded in advance ([`ChunkCache::precode`]).
+    precoded: AtomicU64,
     enabled: bool,
 }
 
@@ -498,7 +542,19 @@ impl std::hash::Hasher for FxHasher {
 struct Plan {
     target: u64,
     base: Option<u64>,
-    slots: Box<[std::sync::OnceLock<Bytes>]>,
+    slots: Box<[Slot]>,
+}
+
+/// One chunk of a [`Plan`].
+#[derive(Default)]
+struct Slot {
+    chunk: std::sync::OnceLock<Bytes>,
+    /// Whether an update has used the chunk yet: the first use of a chunk
+    /// coded in advance ([`Precode`]) counts as the miss it saved, so the
+    /// hit ratio means what it meant before (lookups that needed no coding
+    /// of their own). Read on every hit, written once: no cache line
+    /// bounces between the cores.
+    used: std::sync::atomic::AtomicBool,
 }
 
 impl ChunkCache {
@@ -520,9 +576,7 @@ impl ChunkCache {
         let plan = Arc::new(Plan {
             target: target.tick,
             base,
-            slots: (0..dense.slots.len())
-                .map(|_| std::sync::OnceLock::new())
-                .collect(),
+            slots: (0..dense.slots.len()).map(|_| Slot::default()).collect(),
         });
         plans.push(plan.clone());
         Some(plan)
@@ -537,16 +591,23 @@ impl ChunkCache {
         tally: &mut Tally,
     ) -> R {
         let cell = &plan.slots[slot];
-        if let Some(hit) = cell.get() {
-            tally.hits += 1;
+        if let Some(hit) = cell.chunk.get() {
+            if !cell.used.load(Ordering::Relaxed) && !cell.used.swap(true, Ordering::Relaxed) {
+                // Coded in advance for this lookup.
+                tally.misses += 1;
+            } else {
+                tally.hits += 1;
+            }
             return use_chunk(hit);
         }
         let mut coded = false;
-        let bytes = cell.get_or_init(|| {
+        let bytes = cell.chunk.get_or_init(|| {
             coded = true;
             let started = std::time::Instant::now();
             let bytes = encode();
             tally.encode_ns += started.elapsed().as_nanos() as u64;
+            // Before the chunk is published: whoever sees it sees this.
+            cell.used.store(true, Ordering::Relaxed);
             bytes
         });
         if coded {
@@ -569,6 +630,7 @@ impl ChunkCache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             encode_ns: AtomicU64::new(0),
+            precoded: AtomicU64::new(0),
             enabled,
         }
     }
@@ -657,7 +719,7 @@ impl ChunkCache {
             .lock()
             .expect("not poisoned")
             .iter()
-            .map(|p| p.slots.iter().filter(|s| s.get().is_some()).count())
+            .map(|p| p.slots.iter().filter(|s| s.chunk.get().is_some()).count())
             .sum();
         self.map.len() + planned
     }
@@ -678,6 +740,140 @@ impl ChunkCache {
     /// Nanoseconds spent encoding so far.
     pub fn encode_ns(&self) -> u64 {
         self.encode_ns.load(Ordering::Relaxed)
+    }
+
+    /// Adds time spent coding chunks outside a lookup (a [`Precode`], timed
+    /// by its caller).
+    pub fn add_encode_ns(&self, ns: u64) {
+        self.encode_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Chunks coded in advance so far.
+    pub fn precoded(&self) -> u64 {
+        self.precoded.load(Ordering::Relaxed)
+    }
+
+    /// Whether chunks are shared (the cache is on).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The chunks that `updates` (what [`ClientView::next_update`] says of
+    /// each client) will look up for `target` and that are not coded yet,
+    /// each once, to be coded by every fan-out thread at once
+    /// ([`Precode::work`]) before any update is built: the updates then only
+    /// copy chunks, and no update waits for a chunk another thread is
+    /// coding. Empty when the cache is off or `target` has no dense cell
+    /// index (those chunks are coded on first use).
+    pub fn precode(
+        &self,
+        layout: &Arc<Layout>,
+        target: &Arc<TickState>,
+        updates: impl IntoIterator<Item = NextUpdate>,
+    ) -> Precode {
+        let mut items = Vec::new();
+        if let (true, Some(dense)) = (self.enabled, target.dense.as_ref()) {
+            // (key baseline, its plan, slots taken), a few per tick.
+            let mut plans: Vec<(Option<u64>, Arc<Plan>, Vec<bool>)> = Vec::new();
+            for update in updates {
+                for &cell in update.cells.iter() {
+                    let Some((before, now, key_base)) =
+                        chunk_for(update.base.as_ref(), target, cell)
+                    else {
+                        continue;
+                    };
+                    let Some(slot) = dense.slot(cell) else {
+                        continue;
+                    };
+                    let i = match plans.iter().position(|(b, _, _)| *b == key_base) {
+                        Some(i) => i,
+                        None => {
+                            let Some(plan) = self.plan(target, key_base) else {
+                                continue;
+                            };
+                            plans.push((key_base, plan, vec![false; dense.slots.len()]));
+                            plans.len() - 1
+                        }
+                    };
+                    let (_, plan, taken) = &mut plans[i];
+                    if taken[slot] || plan.slots[slot].chunk.get().is_some() {
+                        continue;
+                    }
+                    taken[slot] = true;
+                    items.push(PrecodeItem {
+                        plan: plan.clone(),
+                        slot,
+                        before: before.map(|c| c.snapshot.clone()),
+                        now: now.map(|c| c.snapshot.clone()),
+                    });
+                }
+            }
+        }
+        Precode {
+            layout: layout.clone(),
+            items,
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Chunks of one tick to code before its updates are built (see
+/// [`ChunkCache::precode`]).
+pub struct Precode {
+    layout: Arc<Layout>,
+    items: Vec<PrecodeItem>,
+    /// The next item not claimed yet.
+    next: AtomicUsize,
+}
+
+struct PrecodeItem {
+    plan: Arc<Plan>,
+    slot: usize,
+    before: Option<Arc<Snapshot>>,
+    now: Option<Arc<Snapshot>>,
+}
+
+/// Items a thread claims at once: few enough that the threads finish
+/// together, enough that they do not fight over the counter.
+const PRECODE_CLAIM: usize = 4;
+
+impl Precode {
+    /// Chunks to code.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether there is nothing to code.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Codes chunks not claimed by another thread until none is left;
+    /// returns how many this call coded. Every thread of the fan-out calls
+    /// it at once; the caller times it (and adds the time with
+    /// [`ChunkCache::add_encode_ns`]).
+    pub fn work(&self, cache: &ChunkCache) -> u64 {
+        let mut coded = 0;
+        loop {
+            let start = self.next.fetch_add(PRECODE_CLAIM, Ordering::Relaxed);
+            if start >= self.items.len() {
+                break;
+            }
+            let end = (start + PRECODE_CLAIM).min(self.items.len());
+            for item in &self.items[start..end] {
+                item.plan.slots[item.slot].chunk.get_or_init(|| {
+                    coded += 1;
+                    let empty = Snapshot::empty(&self.layout);
+                    let from = item.before.as_deref().unwrap_or(&empty);
+                    let to = item.now.as_deref().unwrap_or(&empty);
+                    encode_chunk(&self.layout, from, to)
+                });
+            }
+        }
+        if coded > 0 {
+            cache.precoded.fetch_add(coded, Ordering::Relaxed);
+        }
+        coded
     }
 }
 
@@ -710,6 +906,44 @@ fn encode_chunk(layout: &Layout, from: &Snapshot, to: &Snapshot) -> Bytes {
             Bytes::copy_from_slice(&out)
         })
     })
+}
+
+/// A baseline tick and the cells the client held at it.
+type Base = (Arc<TickState>, Arc<[CellId]>);
+
+/// What the chunk of `cell` in an update to `target` coded against `base`
+/// is: `(before, now, key_base)`, the cell's content the client holds
+/// (`None`: nothing, code from empty), its content at `target`, and the
+/// baseline of the chunk's cache key (`None` for a chunk coded from empty,
+/// the same bytes whatever the update's baseline). `None` when the client
+/// keeps the cell as it holds it (no chunk).
+fn chunk_for<'a>(
+    base: Option<&'a Base>,
+    target: &'a TickState,
+    cell: CellId,
+) -> Option<(Option<&'a CellState>, Option<&'a CellState>, Option<u64>)> {
+    let now = target.cell(cell);
+    let held =
+        base.and_then(|(state, held)| held.binary_search(&cell).ok().map(|_| state.cell(cell)));
+    // `held`: None = not held at the baseline (code from empty);
+    // Some(None) = held, and empty; Some(Some(c)) = held with content.
+    let before = held.flatten();
+    let unchanged = match (before, now) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(&a.snapshot, &b.snapshot),
+        _ => false,
+    };
+    if unchanged {
+        return None;
+    }
+    Some((before, now, before.and(base.map(|(s, _)| s.tick))))
+}
+
+/// What [`ClientView::next_update`] says the next update will be made of.
+#[derive(Clone, Debug)]
+pub struct NextUpdate {
+    base: Option<Base>,
+    cells: Arc<[CellId]>,
 }
 
 /// Cache counts of one update.
@@ -991,6 +1225,34 @@ impl ClientView {
         })
     }
 
+    /// The baseline the next update would be coded against (the newest
+    /// acknowledged tick, if `world` still holds it) and the cells the
+    /// client held then.
+    fn base(&self, world: &WorldState, target: &TickState) -> Option<Base> {
+        self.acked
+            .filter(|&a| a < target.tick)
+            .and_then(|a| world.get(a))
+            .and_then(|state| {
+                self.sent
+                    .iter()
+                    .find(|(t, _)| *t == state.tick)
+                    .map(|(_, cells)| (state.clone(), cells.clone()))
+            })
+    }
+
+    /// What the update to `target` will be made of, for coding its chunks
+    /// in advance ([`ChunkCache::precode`]); `None` if `target` was already
+    /// sent. Changes nothing the client is told.
+    pub fn next_update(&mut self, world: &WorldState, target: &TickState) -> Option<NextUpdate> {
+        if self.last_sent().is_some_and(|t| t >= target.tick) {
+            return None;
+        }
+        Some(NextUpdate {
+            base: self.base(world, target),
+            cells: self.cells(world, target),
+        })
+    }
+
     /// The update's logic: `on_chunk` gets each chunk in cell order.
     fn build_with(
         &mut self,
@@ -1002,16 +1264,7 @@ impl ClientView {
         if self.last_sent().is_some_and(|t| t >= target.tick) {
             return None;
         }
-        let base = self
-            .acked
-            .filter(|&a| a < target.tick)
-            .and_then(|a| world.get(a))
-            .and_then(|state| {
-                self.sent
-                    .iter()
-                    .find(|(t, _)| *t == state.tick)
-                    .map(|(_, cells)| (state.clone(), cells.clone()))
-            });
+        let base = self.base(world, target);
         let cells = self.cells(world, target);
         let layout = world.layout();
         let mut chunks = 0;
@@ -1025,22 +1278,9 @@ impl ClientView {
             if let Some(now) = now {
                 hash = hash.combine(now.hash);
             }
-            let held = base
-                .as_ref()
-                .and_then(|(state, held)| held.binary_search(&cell).ok().map(|_| state.cell(cell)));
-            // `held`: None = not held at the baseline (code from empty);
-            // Some(None) = held, and empty; Some(Some(c)) = held with content.
-            let before = held.flatten();
-            let unchanged = match (before, now) {
-                (None, None) => true,
-                (Some(a), Some(b)) => Arc::ptr_eq(&a.snapshot, &b.snapshot),
-                _ => false,
-            };
-            if unchanged {
+            let Some((before, now, key_base)) = chunk_for(base.as_ref(), target, cell) else {
                 continue;
-            }
-            // A cell coded from empty is the same bytes whatever the baseline.
-            let key_base = before.and(base.as_ref().map(|(s, _)| s.tick));
+            };
             let encode = || {
                 let empty = Snapshot::empty(layout);
                 let from = before.map_or(&empty, |c| &c.snapshot);
@@ -1149,21 +1389,115 @@ mod tests {
             let layout = Arc::new(plaza.schema().layout().unwrap());
             let grid = Grid::new(50.0);
             let mut world = WorldState::new(layout.clone(), Some(grid), 4);
-            for tick in 1..4 {
-                plaza.step();
+            let mut twin = WorldState::new(layout.clone(), Some(grid), 4);
+            for tick in 1..6 {
+                // Ticks 4 and 5 repeat tick 3: every cell is shared.
+                if tick < 4 {
+                    plaza.step();
+                }
                 let snapshot = Arc::new(plaza.snapshot(&layout));
                 let (state, _) = world
                     .push(tick, 0, snapshot.hash(), snapshot.clone())
                     .unwrap();
+                // The feed's entity hashes give the same cells.
+                let hashes: Vec<StateHash> = (0..snapshot.len())
+                    .map(|i| snapshot.entity_hash(i))
+                    .collect();
+                let hashed = twin
+                    .prepare_hashed(tick, 0, snapshot.hash(), snapshot.clone(), Some(&hashes))
+                    .unwrap();
+                let (hashed, _) = twin.commit(hashed).unwrap();
                 let expected = grid.split(&layout, &snapshot);
                 assert_eq!(state.cells.len(), expected.len());
+                assert_eq!(hashed.cells.len(), expected.len());
                 for (cell, part) in &expected {
-                    let got = &state.cells[cell];
-                    assert_eq!(*got.snapshot, *part);
-                    assert_eq!(got.hash, part.hash());
+                    for got in [&state.cells[cell], &hashed.cells[cell]] {
+                        assert_eq!(*got.snapshot, *part);
+                        assert_eq!(got.hash, part.hash());
+                    }
+                }
+                if tick >= 4 {
+                    let before = world.get(tick - 1).unwrap();
+                    for (cell, got) in &state.cells {
+                        let old = before.cell(*cell).unwrap();
+                        assert!(Arc::ptr_eq(&old.snapshot, &got.snapshot), "{cell:?}");
+                    }
                 }
             }
         }
+    }
+
+    /// Chunks coded in advance, by two threads at once, are exactly the
+    /// ones the updates then use: building the updates codes nothing more,
+    /// each precoded chunk counts as one miss (its first use), and the
+    /// datagrams are the bytes a relay without the cache sends (clients
+    /// acking at different paces, one never acking, one moving its
+    /// interest).
+    #[test]
+    fn precoded_chunks_are_the_ones_updates_use() {
+        let mut plaza = origin::worlds::plaza::Plaza::new(origin::worlds::plaza::PlazaConfig {
+            avatars: 600,
+            size_m: 500.0,
+            seed: 9,
+        });
+        let layout = Arc::new(plaza.schema().layout().unwrap());
+        let mut world = WorldState::new(layout.clone(), Some(Grid::new(50.0)), 8);
+        let cache = ChunkCache::new(true);
+        let plain = ChunkCache::new(false);
+        let around = |x: f64, y: f64| Interest::Around {
+            x,
+            y,
+            radius: 110.0,
+        };
+        let mut views: Vec<ClientView> = [(100.0, 100.0), (120.0, 90.0), (400.0, 300.0)]
+            .iter()
+            .map(|&(x, y)| ClientView::new(around(x, y), 8))
+            .chain([ClientView::new(Interest::All, 8)])
+            .collect();
+        let mut twins = views.clone();
+        let mut precoded_total = 0;
+        for tick in 1..25u64 {
+            plaza.step();
+            let snapshot = Arc::new(plaza.snapshot(&layout));
+            let (state, _) = world.push(tick, tick, snapshot.hash(), snapshot).unwrap();
+            if tick == 9 {
+                views[0].set_interest(around(300.0, 350.0));
+                twins[0].set_interest(around(300.0, 350.0));
+            }
+            let needs: Vec<_> = views
+                .iter_mut()
+                .filter_map(|v| v.next_update(&world, &state))
+                .collect();
+            let precode = cache.precode(&layout, &state, needs);
+            let coded: u64 = std::thread::scope(|s| {
+                let other = s.spawn(|| precode.work(&cache));
+                precode.work(&cache) + other.join().unwrap()
+            });
+            assert_eq!(coded, precode.len() as u64);
+            precoded_total += coded;
+            let (held, (_, misses)) = (cache.len(), cache.counts());
+            for (i, (view, twin)) in views.iter_mut().zip(&mut twins).enumerate() {
+                let fast = view
+                    .build_datagram(&world, &state, &cache)
+                    .unwrap()
+                    .unwrap();
+                let slow = twin
+                    .build_datagram(&world, &state, &plain)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(fast.datagram, slow.datagram, "tick {tick}, view {i}");
+                // View 0 acks every tick, 1 every other, 2 every third, 3 never.
+                if i < 3 && tick % (i as u64 + 1) == 0 {
+                    view.on_ack(tick);
+                    twin.on_ack(tick);
+                }
+            }
+            assert_eq!(cache.len(), held, "tick {tick}: a chunk was coded late");
+            assert_eq!(cache.counts().1 - misses, coded, "tick {tick}");
+            // The next tick's chunks would be coded against views' acks.
+        }
+        assert_eq!(cache.precoded(), precoded_total);
+        assert!(precoded_total > 100, "{precoded_total}");
     }
 
     /// `build_datagram` writes the bytes proto's encoder writes for the

@@ -1138,6 +1138,8 @@ pub struct Subscription {
     outbound: mpsc::Sender<Message>,
     acks: watch::Sender<u64>,
     held: Option<(u64, Arc<Snapshot>)>,
+    /// The entity hashes of the held snapshot, by index.
+    entity_hashes: Option<Arc<[StateHash]>>,
     codec: Codec,
     counters: SubscriptionCounters,
     failed: bool,
@@ -1254,6 +1256,7 @@ impl Subscription {
             outbound,
             acks,
             held: None,
+            entity_hashes: None,
             counters: SubscriptionCounters::default(),
             failed: false,
         })
@@ -1363,7 +1366,13 @@ impl Subscription {
             .codec
             .decode(layout, base, None, &chunk.data)
             .map_err(|source| FeedError::Delta { tick, source })?;
-        let got = snapshot.hash();
+        // The world's hash is the sum of its entities' hashes: kept, so that
+        // a relay splitting the tick into cells does not hash every entity
+        // again ([`Subscription::entity_hashes`]).
+        let hashes: Arc<[StateHash]> = (0..snapshot.len())
+            .map(|i| snapshot.entity_hash(i))
+            .collect();
+        let got = hashes.iter().fold(StateHash(0), |sum, &h| sum.combine(h));
         let expected = StateHash(update.hash);
         if got != expected {
             return Err(FeedError::HashMismatch {
@@ -1377,6 +1386,7 @@ impl Subscription {
         }
         let snapshot = Arc::new(snapshot);
         self.held = Some((tick, snapshot.clone()));
+        self.entity_hashes = Some(hashes);
         Ok(Arc::new(FeedTick {
             tick,
             origin_time_us: update.origin_time_us,
@@ -1413,6 +1423,13 @@ impl Subscription {
     /// [`Subscription::open`], or to close it).
     pub fn connection(&self) -> &quinn::Connection {
         &self.conn
+    }
+
+    /// The hash of every entity of the newest tick applied, in the order
+    /// of its snapshot ([`proto::Snapshot::entity_hash`] of each index; the
+    /// tick's hash is their sum), if any tick was applied.
+    pub fn entity_hashes(&self) -> Option<&Arc<[StateHash]>> {
+        self.entity_hashes.as_ref()
     }
 
     /// The newest tick applied, if any.
