@@ -112,12 +112,12 @@ pub struct Args {
     pub publish_auth: Option<String>,
     /// Another relay of the network, told to clients in the directory
     /// (repeatable): `id=ID,addr=HOST:PORT,probe=HOST:PORT[,region=NAME]
-    /// [,coords=X,Y,H]`. Given (or with --directory), the peers replace the
+    /// [,coords=X,Y,H][,origin=MS]`. Given (or with --directory), the peers replace the
     /// file's `[[directory]]` entries.
     #[arg(long = "peer", value_name = "PEER")]
     pub peers: Vec<Peer>,
     /// A TOML file of `[[directory]]` tables (id, addr, probe_addr, region,
-    /// coords), replacing the configuration file's; --peer entries are
+    /// coords, origin_ms), replacing the configuration file's; --peer entries are
     /// added to it.
     #[arg(long, value_name = "FILE", env = "STATECAST_RELAY_DIRECTORY")]
     pub directory: Option<PathBuf>,

@@ -149,6 +149,8 @@ impl Relay {
             connect: self.connect,
             region: self.region.clone(),
             hint,
+            coords: self.coords,
+            origin_rtt: self.origin_rtt,
         }
     }
 }
@@ -248,6 +250,8 @@ struct Entry {
     connect: HostPort,
     probe: HostPort,
     region: Option<String>,
+    coords: Option<Coords>,
+    origin_rtt: Option<Duration>,
 }
 
 /// Parses a directory's entries (at most [`MAX_RELAYS`], as the decoder
@@ -280,6 +284,9 @@ fn directory_entries(directory: &Directory, skipped: &mut Vec<Skipped>) -> Vec<E
                 connect,
                 probe,
                 region: (!relay.region.is_empty()).then(|| relay.region.clone()),
+                coords: relay.coords.filter(|c| c.iter().all(|v| v.is_finite())),
+                origin_rtt: (relay.origin_rtt_us != u32::MAX)
+                    .then(|| Duration::from_micros(relay.origin_rtt_us.into())),
             }),
             Err(reason) => skipped.push(skip(reason)),
         }
@@ -326,6 +333,8 @@ fn static_entries(list: &[&str], skipped: &mut Vec<Skipped>) -> Vec<Entry> {
                 connect,
                 probe,
                 region: None,
+                coords: None,
+                origin_rtt: None,
             }),
             Err(reason) => skipped.push(Skipped {
                 host: item.to_owned(),
@@ -362,10 +371,10 @@ fn build(
             Ok((connect, probe)) => {
                 if seen.insert(probe) {
                     candidates.push(Candidate {
-                        addr: probe,
-                        connect,
                         region: entry.region,
-                        hint: None,
+                        coords: entry.coords,
+                        origin_rtt: entry.origin_rtt,
+                        ..Candidate::new(probe, connect)
                     });
                 } else {
                     skipped.push(Skipped {

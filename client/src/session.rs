@@ -1719,6 +1719,7 @@ mod tests {
                 probe_addr: "127.0.0.1:4435".into(),
                 region: "local".into(),
                 load: 0,
+                origin_rtt_us: u32::MAX,
                 coords: None,
             }],
         };

@@ -440,6 +440,7 @@ fn peer(id: &str, addr: &str, probe_addr: &str, region: &str) -> relay::config::
         probe_addr: probe_addr.into(),
         region: region.into(),
         coords: None,
+        origin_ms: None,
     }
 }
 
@@ -490,7 +491,11 @@ async fn a_relays_directory_reaches_the_session_and_becomes_candidates() {
         upstream: origin.upstream_addr,
         data_dir: Some(dir.path().to_path_buf()),
         directory: vec![
-            peer("relay-us-1", "127.0.0.3:5434", "127.0.0.3:5435", "us-east"),
+            relay::config::Peer {
+                coords: Some([40.0, -3.5, 2.0]),
+                origin_ms: Some(42.5),
+                ..peer("relay-us-1", "127.0.0.3:5434", "127.0.0.3:5435", "us-east")
+            },
             // A name: resolved through DNS, or skipped without it.
             peer(
                 "relay-ap-1",
@@ -523,6 +528,12 @@ async fn a_relays_directory_reaches_the_session_and_becomes_candidates() {
     assert_eq!(own.probe_addr, relay.probe_addr.unwrap().to_string());
     assert_eq!(own.region, "eu-west");
     assert!(own.load < 1000, "{own:?}");
+    // Its own origin RTT, as it measures it (loopback: well under a
+    // second); a peer's as configured.
+    assert!(own.origin_rtt_us < 1_000_000, "{own:?}");
+    assert_eq!(directory.relays[1].origin_rtt_us, 42_500);
+    assert_eq!(directory.relays[1].coords, Some([40.0, -3.5, 2.0]));
+    assert_eq!(directory.relays[2].origin_rtt_us, u32::MAX);
 
     // Without DNS: the literal addresses only, the name skipped.
     let found = from_directory(&directory);
@@ -533,6 +544,17 @@ async fn a_relays_directory_reaches_the_session_and_becomes_candidates() {
     );
     assert_eq!(found.candidates[0].connect, relay.client_addr);
     assert_eq!(found.candidates[1].region.as_deref(), Some("us-east"));
+    // What the relays publish about themselves travels with the candidates.
+    assert_eq!(
+        found.candidates[0].origin_rtt,
+        Some(Duration::from_micros(own.origin_rtt_us.into()))
+    );
+    assert_eq!(
+        found.candidates[1].origin_rtt,
+        Some(Duration::from_micros(42_500))
+    );
+    assert_eq!(found.candidates[1].coords, Some([40.0, -3.5, 2.0]));
+    assert_eq!(found.candidates[0].coords, None);
     let skipped = reasons(&found);
     assert_eq!(skipped.len(), 1, "{skipped:?}");
     assert_eq!(skipped[0].0, "relay-ap-1");
@@ -580,6 +602,7 @@ async fn malformed_directory_entries_are_skipped_with_reasons() {
         probe_addr: probe.into(),
         region: String::new(),
         load: 0,
+        origin_rtt_us: u32::MAX,
         coords: None,
     };
     let directory = Directory {

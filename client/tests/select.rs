@@ -138,10 +138,9 @@ impl Sim {
         let t0 = Instant::now();
         let candidates = (0..relays.len())
             .map(|i| Candidate {
-                addr: addr(i),
-                connect: addr(i),
                 region: Some(format!("r{i}")),
                 hint: hints[i],
+                ..Candidate::new(addr(i), addr(i))
             })
             .collect();
         let config = Config {

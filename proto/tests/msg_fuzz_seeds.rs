@@ -211,6 +211,7 @@ fn samples() -> Vec<(&'static str, Message)> {
                         probe_addr: "127.0.0.2:4434".into(),
                         region: "eu-west".into(),
                         load: 420,
+                        origin_rtt_us: 18_250,
                         coords: Some([12.5, -3.0, 1.5]),
                     },
                     RelayInfo {
@@ -219,6 +220,7 @@ fn samples() -> Vec<(&'static str, Message)> {
                         probe_addr: "127.0.0.3:4434".into(),
                         region: "us-east".into(),
                         load: 80,
+                        origin_rtt_us: u32::MAX,
                         coords: None,
                     },
                 ],

@@ -498,6 +498,7 @@ fn encoders_refuse_what_decoders_would_refuse() {
         probe_addr: "p".into(),
         region: "x".into(),
         load: 0,
+        origin_rtt_us: u32::MAX,
         coords: Some([0.0, f32::INFINITY, 0.0]),
     };
     assert!(matches!(
@@ -604,6 +605,7 @@ fn type_limits_are_exactly_the_largest_messages() {
                     probe_addr: s(MAX_ADDR_LEN),
                     region: s(MAX_REGION_LEN),
                     load: u16::MAX,
+                    origin_rtt_us: u32::MAX,
                     coords,
                 };
                 MAX_RELAYS

@@ -212,16 +212,20 @@ fn relay_info() -> impl Strategy<Value = RelayInfo> {
         text(40),
         text(MAX_REGION_LEN),
         any::<u16>(),
+        any::<u32>(),
         coords(),
     )
-        .prop_map(|(id, addr, probe_addr, region, load, coords)| RelayInfo {
-            id,
-            addr,
-            probe_addr,
-            region,
-            load,
-            coords,
-        })
+        .prop_map(
+            |(id, addr, probe_addr, region, load, origin_rtt_us, coords)| RelayInfo {
+                id,
+                addr,
+                probe_addr,
+                region,
+                load,
+                origin_rtt_us,
+                coords,
+            },
+        )
 }
 
 fn pong() -> impl Strategy<Value = Pong> {

@@ -85,6 +85,11 @@ pub struct Peer {
     /// Its network coordinates `[x, y, height]` in milliseconds, if known.
     #[serde(default)]
     pub coords: Option<[f32; 3]>,
+    /// Its RTT to the origin in milliseconds, if known (what its DNS TXT
+    /// `origin=MS` publishes). This relay's own entry always carries the
+    /// RTT it measures itself instead.
+    #[serde(default)]
+    pub origin_ms: Option<f32>,
 }
 
 impl Peer {
@@ -128,11 +133,33 @@ impl Peer {
         {
             return Err(format!("peer {}: coordinates must be finite", self.id));
         }
+        if let Some(ms) = self.origin_ms
+            && !(ms.is_finite() && (0.0..=MAX_ORIGIN_MS).contains(&ms))
+        {
+            return Err(format!(
+                "peer {}: origin RTT must be 0 to {MAX_ORIGIN_MS} ms, not {ms}",
+                self.id
+            ));
+        }
         Ok(())
     }
 }
 
-/// `id=ID,addr=HOST:PORT,probe=HOST:PORT[,region=NAME][,coords=X,Y,H]`, the
+/// The largest origin RTT a peer entry may name, in ms (what fits the
+/// wire's microseconds, with room to spare).
+pub const MAX_ORIGIN_MS: f32 = 60_000.0;
+
+impl Peer {
+    /// The origin RTT as the directory message carries it (microseconds,
+    /// `u32::MAX`: unknown).
+    pub fn origin_rtt_us(&self) -> u32 {
+        self.origin_ms
+            .filter(|ms| ms.is_finite() && (0.0..=MAX_ORIGIN_MS).contains(ms))
+            .map_or(u32::MAX, |ms| (ms * 1000.0).round() as u32)
+    }
+}
+
+/// `id=ID,addr=HOST:PORT,probe=HOST:PORT[,region=NAME][,coords=X,Y,H][,origin=MS]`, the
 /// form of `statecast relay --peer` (`probe_addr=` is accepted for
 /// `probe=`). The entry is [checked](Peer::check).
 impl FromStr for Peer {
@@ -153,8 +180,8 @@ impl FromStr for Peer {
                 },
             }
         }
-        let (mut id, mut addr, mut probe_addr, mut region, mut coords) =
-            (None, None, None, String::new(), None);
+        let (mut id, mut addr, mut probe_addr, mut region, mut coords, mut origin_ms) =
+            (None, None, None, String::new(), None, None);
         for (key, value) in pairs {
             match key.as_str() {
                 "id" => id = Some(value),
@@ -172,9 +199,15 @@ impl FromStr for Peer {
                         _ => return Err(format!("bad coordinates {value:?}: expected X,Y,H")),
                     }
                 }
+                "origin" => {
+                    origin_ms =
+                        Some(value.parse::<f32>().map_err(|_| {
+                            format!("bad origin RTT {value:?}: expected milliseconds")
+                        })?);
+                }
                 other => {
                     return Err(format!(
-                        "unknown key {other:?} (id, addr, probe, region, coords)"
+                        "unknown key {other:?} (id, addr, probe, region, coords, origin)"
                     ));
                 }
             }
@@ -186,6 +219,7 @@ impl FromStr for Peer {
             probe_addr: probe_addr.ok_or_else(|| missing("probe"))?,
             region,
             coords,
+            origin_ms,
         };
         peer.check()?;
         Ok(peer)
@@ -330,7 +364,21 @@ mod tests {
         let p: Peer = "id=a,addr=[::1]:4434,probe_addr=[::1]:4435"
             .parse()
             .unwrap();
-        assert_eq!((p.region.as_str(), p.coords), ("", None));
+        assert_eq!((p.region.as_str(), p.coords, p.origin_ms), ("", None, None));
+        assert_eq!(p.origin_rtt_us(), u32::MAX);
+        let p: Peer = "id=a,addr=1.2.3.4:1,probe=1.2.3.4:2,origin=12.5"
+            .parse()
+            .unwrap();
+        assert_eq!((p.origin_ms, p.origin_rtt_us()), (Some(12.5), 12_500));
+        for bad in [
+            "id=a,addr=1.2.3.4:1,probe=1.2.3.4:2,origin=-1",
+            "id=a,addr=1.2.3.4:1,probe=1.2.3.4:2,origin=NaN",
+            "id=a,addr=1.2.3.4:1,probe=1.2.3.4:2,origin=fast",
+            "id=a,addr=1.2.3.4:1,probe=1.2.3.4:2,origin=1e9",
+        ] {
+            let err = bad.parse::<Peer>().unwrap_err();
+            assert!(err.contains("origin"), "{bad:?}: {err}");
+        }
         for bad in [
             "",
             "id=a",

@@ -509,6 +509,18 @@ async fn send_directory(shared: &Shared, control: &mut FramedSend) -> Result<(),
     Ok(())
 }
 
+/// The RTT to the origin of the closest subscribed world, in microseconds
+/// (`None` while none is subscribed, or while the world table is busy).
+fn own_origin_rtt_us(shared: &Shared) -> Option<u32> {
+    let worlds = shared.worlds.try_lock().ok()?;
+    worlds
+        .values()
+        .map(|w| w.origin_rtt_us.load(Ordering::Relaxed))
+        .min()
+        .filter(|&rtt| rtt != u64::MAX)
+        .map(|rtt| rtt.min(u64::from(u32::MAX - 1)) as u32)
+}
+
 fn directory(shared: &Shared) -> Option<Directory> {
     let peers = shared.directory.borrow();
     if peers.is_empty() {
@@ -521,8 +533,11 @@ fn directory(shared: &Shared) -> Option<Directory> {
         probe_addr: p.probe_addr.clone(),
         region: p.region.clone(),
         load,
+        origin_rtt_us: p.origin_rtt_us(),
         coords: p.coords,
     };
+    // This relay's own entry: the origin RTT it measures, as its pongs say.
+    let own_origin_rtt_us = own_origin_rtt_us(shared).unwrap_or(u32::MAX);
     let mut relays = Vec::with_capacity(peers.len() + 1);
     match peers.iter().find(|p| p.id == config.id) {
         Some(own) => relays.push(RelayInfo {
@@ -531,6 +546,7 @@ fn directory(shared: &Shared) -> Option<Directory> {
             } else {
                 own.region.clone()
             },
+            origin_rtt_us: own_origin_rtt_us,
             ..info(own, current_load(shared))
         }),
         None => {
@@ -541,6 +557,7 @@ fn directory(shared: &Shared) -> Option<Directory> {
                     probe_addr: probe_addr.clone(),
                     region: config.region.clone(),
                     load: current_load(shared),
+                    origin_rtt_us: own_origin_rtt_us,
                     coords: None,
                 });
             }

@@ -33,10 +33,12 @@ pub(super) const RELAY_INFO_MAX: usize = bytes_len(MAX_RELAY_ID_LEN)
     + 2 * bytes_len(MAX_ADDR_LEN)
     + bytes_len(MAX_REGION_LEN)
     + 2
+    + 4
     + COORDS_MAX;
 
-/// Smallest relay entry: four empty strings, load, no coordinates.
-const MIN_RELAY_INFO_LEN: usize = 4 + 2 + 1;
+/// Smallest relay entry: four empty strings, load, origin RTT, no
+/// coordinates.
+const MIN_RELAY_INFO_LEN: usize = 4 + 2 + 4 + 1;
 
 fn coords_finite(coords: &Option<Coords>) -> bool {
     coords.is_none_or(|c| c.iter().all(|v| v.is_finite()))
@@ -232,6 +234,10 @@ pub struct RelayInfo {
     pub region: String,
     /// Load in permille of capacity.
     pub load: u16,
+    /// Its RTT to the origin in microseconds, as in its pongs (`u32::MAX`:
+    /// unknown), so that a client can rank relays it has not probed by
+    /// client-relay estimate plus this.
+    pub origin_rtt_us: u32,
     /// Network coordinates, if known.
     pub coords: Option<Coords>,
 }
@@ -269,6 +275,7 @@ impl Body for Directory {
                         + bytes_len(r.probe_addr.len())
                         + bytes_len(r.region.len())
                         + 2
+                        + 4
                         + coords_len(&r.coords)
                 })
                 .sum::<usize>()
@@ -282,6 +289,7 @@ impl Body for Directory {
             put_bytes(out, relay.probe_addr.as_bytes());
             put_bytes(out, relay.region.as_bytes());
             out.put_u16(relay.load);
+            out.put_u32(relay.origin_rtt_us);
             put_coords(out, &relay.coords);
         }
     }
@@ -296,6 +304,7 @@ impl Body for Directory {
                 probe_addr: get_string(buf, MAX_ADDR_LEN, "probe address")?,
                 region: get_string(buf, MAX_REGION_LEN, "region")?,
                 load: get(buf)?,
+                origin_rtt_us: get(buf)?,
                 coords: get_coords(buf)?,
             });
         }
