@@ -63,6 +63,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -75,6 +76,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::coords::{Guide, GuideConfig};
 use crate::replica::{Event, Replica};
 use crate::select::{self, Candidate, Selector};
 use crate::session::{self, Session, SessionError, SessionEvent};
@@ -99,6 +101,14 @@ pub struct Config {
     /// How the selector probes and scores. Default: the selector's defaults
     /// (five pings a round, a round every 5 s, at most 8 relays probed).
     pub select: select::Config,
+    /// With more candidates that publish network coordinates (DNS TXT
+    /// `coords=`, a relay's directory) than the selector probes at once
+    /// ([`select::Config::max_probed`]), a [`Guide`] picks which to probe:
+    /// a few far apart first, then the most promising, within its budget
+    /// (see [`crate::coords`]). The first pick waits for the guided rounds.
+    /// `None`: the selector ranks by hints alone. Default: the guide's
+    /// defaults (at most 8 relays).
+    pub guide: Option<GuideConfig>,
     /// No update applied for this long: the relay counts as lost. `None`
     /// (the default): eight ticks at the world's tick rate, at least 300 ms
     /// (400 ms at 20 Hz). Well above one lost datagram or a slow tick, well
@@ -129,6 +139,7 @@ impl Config {
             events: false,
             history: 128,
             select: select::Config::default(),
+            guide: Some(GuideConfig::default()),
             stall_timeout: None,
             first_pick_timeout: Duration::from_millis(1500),
             handshake_timeout: Duration::from_secs(2),
@@ -421,24 +432,30 @@ impl Roamer {
             return Err(RoamError::NoCandidates);
         }
         let started = Instant::now();
-        let prober = Prober::start(candidates, config.select.clone()).await?;
+        let guide = config
+            .guide
+            .clone()
+            .and_then(|g| guide_for(&candidates, config.select.max_probed, g));
+        let guided = guide.is_some();
+        let prober = Prober::start(candidates, config.select.clone(), guide).await?;
         // The first relay to answer is most often the one picked: start its
         // handshake at once, while the others have their chance to answer.
-        let speculative = prober
-            .first_answer(config.first_pick_timeout)
-            .await
-            .and_then(|probe| {
-                let connect = prober.selector().candidate(probe)?.connect;
-                let configs = vec![(probe, config.session(connect))];
-                Some((
-                    probe,
-                    tokio::spawn(connect_any(endpoint.clone(), configs, None)),
-                ))
-            });
-        let waited = started.elapsed();
-        prober
-            .first_pick(config.first_pick_timeout.saturating_sub(waited))
-            .await;
+        // Not when guided: the first answers come from relays chosen far
+        // apart, to place the client, not to be picked.
+        let first = if guided {
+            None
+        } else {
+            prober.first_answer(config.first_pick_timeout).await
+        };
+        let speculative = first.and_then(|probe| {
+            let connect = prober.selector().candidate(probe)?.connect;
+            let configs = vec![(probe, config.session(connect))];
+            Some((
+                probe,
+                tokio::spawn(connect_any(endpoint.clone(), configs, None)),
+            ))
+        });
+        prober.first_pick(started, config.first_pick_timeout).await;
         let best = prober.selector().best();
         let mut roamer = Roamer {
             endpoint: endpoint.clone(),
@@ -1062,11 +1079,30 @@ async fn connect_any(
     }
 }
 
+/// A guide for `candidates` when more of them publish coordinates than the
+/// selector probes at once; `None` otherwise (the selector's own ranking
+/// covers the few).
+fn guide_for(candidates: &[Candidate], max_probed: usize, config: GuideConfig) -> Option<Guide> {
+    let known: Vec<(SocketAddr, proto::msg::Coords)> = candidates
+        .iter()
+        .filter_map(|c| Some((select::canonical(c.addr), c.coords?)))
+        .collect();
+    if known.len() <= max_probed.max(1) || config.budget == 0 {
+        return None;
+    }
+    let published = candidates
+        .iter()
+        .filter_map(|c| Some((select::canonical(c.addr), c.origin_rtt?)));
+    Some(Guide::new(config, known).with_origin_rtts(published))
+}
+
 /// The probing task and the selector it drives.
 struct Prober {
     selector: Arc<Mutex<Selector>>,
     /// Notified after every batch of probe traffic (a pong, a timeout).
     changed: Arc<Notify>,
+    /// While a [`Guide`] steers the first rounds.
+    guiding: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -1077,7 +1113,11 @@ impl Drop for Prober {
 }
 
 impl Prober {
-    async fn start(candidates: Vec<Candidate>, config: select::Config) -> std::io::Result<Prober> {
+    async fn start(
+        candidates: Vec<Candidate>,
+        config: select::Config,
+        guide: Option<Guide>,
+    ) -> std::io::Result<Prober> {
         let v6 = candidates.iter().any(|c| c.addr.is_ipv6());
         let bind: SocketAddr = if v6 {
             (Ipv6Addr::UNSPECIFIED, 0).into()
@@ -1091,10 +1131,23 @@ impl Prober {
             std::time::Instant::now(),
         )));
         let changed = Arc::new(Notify::new());
-        let task = tokio::spawn(probe_loop(socket, v6, selector.clone(), changed.clone()));
+        // Started before the selector's first transmit, as the guide needs.
+        let guide = guide.and_then(|mut g| {
+            let mut s = selector.lock().unwrap_or_else(|e| e.into_inner());
+            (g.start(&mut s, std::time::Instant::now()) > 0).then_some(g)
+        });
+        let guiding = Arc::new(AtomicBool::new(guide.is_some()));
+        let task = tokio::spawn(probe_loop(
+            socket,
+            v6,
+            selector.clone(),
+            changed.clone(),
+            guide.map(|g| (g, guiding.clone())),
+        ));
         Ok(Prober {
             selector,
             changed,
+            guiding,
             task,
         })
     }
@@ -1129,11 +1182,24 @@ impl Prober {
     }
 
     /// Waits until the first round's answers are enough to pick (see the
-    /// module documentation), or `timeout`.
-    async fn first_pick(&self, timeout: Duration) {
-        let start = Instant::now();
+    /// module documentation), or `timeout` after `start` (when the prober
+    /// started: the first pings went then, all together).
+    async fn first_pick(&self, start: Instant, timeout: Duration) {
         let deadline = start + timeout;
-        let stagger = self.selector().config().probe_interval;
+        // Guided: the guide's last round decides (it ends on a completed
+        // round, so the pick has every answer it asked for).
+        while self.guiding.load(Ordering::Acquire) {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.guiding.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -1149,8 +1215,10 @@ impl Prober {
                     .min();
                 match best {
                     Some(_) if probed.iter().all(|e| e.answered) => return,
-                    // Pings are staggered over one probe interval.
-                    Some(best) => start + stagger + best + best / 2 + Duration::from_millis(2),
+                    // The first pings went together at `start` (see
+                    // `select`): a relay silent at 1.5 x the best RTT is
+                    // slower than the best by half of it at least.
+                    Some(best) => start + best + best / 2 + Duration::from_millis(2),
                     None => deadline,
                 }
             };
@@ -1180,6 +1248,7 @@ async fn probe_loop(
     v6: bool,
     selector: Arc<Mutex<Selector>>,
     changed: Arc<Notify>,
+    mut guide: Option<(Guide, Arc<AtomicBool>)>,
 ) {
     let mut buf = vec![0u8; 2048];
     let mut out = Vec::with_capacity(proto::msg::PING_LEN);
@@ -1189,6 +1258,13 @@ async fn probe_loop(
             let mut s = selector.lock().unwrap_or_else(|e| e.into_inner());
             let now = std::time::Instant::now();
             s.handle_timeout(now);
+            if let Some((g, guiding)) = guide.as_mut() {
+                g.poll(&mut s, now);
+                if g.is_done() {
+                    guiding.store(false, Ordering::Release);
+                    guide = None;
+                }
+            }
             while let Some(ping) = s.poll_transmit(now) {
                 pings.push(ping);
             }

@@ -14,7 +14,8 @@
 //! Probing goes in *rounds*. A round sends [`Config::probes_per_round`]
 //! pings to each candidate of the *active set*, [`Config::probe_interval`]
 //! apart, the candidates staggered evenly within each interval, so all are
-//! measured in parallel without bursts. A ping unanswered after
+//! measured in parallel without bursts (except the very first pings, which
+//! go together: a client waits for them before it can pick). A ping unanswered after
 //! [`Config::probe_timeout`] is lost. When every ping of a round is answered
 //! or lost the round is complete; the next one starts
 //! [`Config::reprobe_every`] after it began (or never, when that is `None`),
@@ -105,6 +106,14 @@ pub struct Candidate {
     /// An estimate of the RTT to it before any probe (DNS region hints,
     /// network coordinates); decides which candidates are probed first.
     pub hint: Option<Duration>,
+    /// Its network coordinates as published (DNS TXT `coords=`, a relay's
+    /// directory), for [`crate::coords::Guide`]; its pongs' coordinates
+    /// take precedence once they come.
+    pub coords: Option<Coords>,
+    /// Its RTT to the origin as published (DNS TXT `origin=`, a relay's
+    /// directory): until it is probed, its expected score is its hint
+    /// plus this (as [`Selector::set_origin_hint`] sets it).
+    pub origin_rtt: Option<Duration>,
 }
 
 impl Candidate {
@@ -115,6 +124,8 @@ impl Candidate {
             connect,
             region: None,
             hint: None,
+            coords: None,
+            origin_rtt: None,
         }
     }
 }
@@ -432,6 +443,7 @@ impl Selector {
             return false;
         }
         self.by_addr.insert(candidate.addr, self.slots.len());
+        let origin_hint = candidate.origin_rtt;
         self.slots.push(Slot {
             candidate,
             rtts: VecDeque::new(),
@@ -441,7 +453,7 @@ impl Selector {
             probed: false,
             reported: None,
             round_answers: 0,
-            origin_hint: None,
+            origin_hint,
         });
         self.scores.push(None);
         true
@@ -717,10 +729,19 @@ impl Selector {
         }
         let n = active.len() as u32;
         let interval = self.config.probe_interval;
+        // The very first pings all go at once: a client that has not picked
+        // a relay yet waits for them, and a stagger would delay the best
+        // relay's first answer by up to one interval for nothing (a burst
+        // of a few pings, one per relay). Every later ping is staggered.
+        let first_round = self.stats.rounds == 0 && self.stats.pings_sent == 0;
         let mut schedule = VecDeque::new();
         for k in 0..self.config.probes_per_round.max(1) {
             for (j, &slot) in active.iter().enumerate() {
-                let at = now + interval * k + interval * j as u32 / n;
+                let at = if first_round && k == 0 {
+                    now
+                } else {
+                    now + interval * k + interval * j as u32 / n
+                };
                 schedule.push_back((at, slot));
             }
         }
@@ -1047,10 +1068,33 @@ mod tests {
         }
         assert_eq!(sent.len(), 12);
         let ms = Duration::from_millis;
-        // Four candidates, 10 ms apart, each pinged every 40 ms.
+        // The very first pings go together; then four candidates, 10 ms
+        // apart, each pinged every 40 ms.
         for (k, (at, to)) in sent.iter().enumerate() {
-            assert_eq!(*at, ms(10 * k as u64), "{sent:?}");
+            let want = if k < 4 { ms(0) } else { ms(10 * k as u64) };
+            assert_eq!(*at, want, "{sent:?}");
             assert_eq!(*to, addrs[k % 4]);
+        }
+        // Later rounds are staggered from their first ping on.
+        let mut t = s.poll_timeout().unwrap();
+        let mut later = Vec::new();
+        let deadline = t + Duration::from_secs(30);
+        while later.len() < 4 && t < deadline {
+            while let Some((to, _)) = s.poll_transmit(t) {
+                later.push((t, to));
+            }
+            let before = t;
+            // Pongs never come: the round ends by timeouts, the next one
+            // starts at `reprobe_every`.
+            s.handle_timeout(t);
+            t = s
+                .poll_timeout()
+                .unwrap()
+                .max(before + Duration::from_millis(1));
+        }
+        assert_eq!(later.len(), 4, "{later:?}");
+        for (j, (at, _)) in later.iter().enumerate() {
+            assert_eq!(*at - later[0].0, ms(10 * j as u64), "{later:?}");
         }
     }
 }

@@ -11,17 +11,22 @@
 //!   [`RATE_QUEUE_BYTES`]; a packet that does not fit is dropped, as a
 //!   router's tail drop would;
 //! - **delay and jitter**: a packet leaving the rate limiter is due after
-//!   `delay` plus a jitter drawn uniformly from `[0, jitter]`. The delay is
-//!   a floor: nothing arrives earlier, and scheduling can only add (about a
+//!   `delay` plus a jitter drawn uniformly from `[0, jitter]`, but never
+//!   before the packet ahead of it in the same direction: jitter is
+//!   queueing, and queues are first in, first out. The delay is a floor:
+//!   nothing arrives earlier, and scheduling can only add (about a
 //!   millisecond, the timer's resolution);
-//! - **reordering**: jitter reorders packets naturally (a later packet may
-//!   draw a smaller jitter); on top of that a share `reorder` of packets is
-//!   held back an extra `max(delay, 10 ms)`, so the packets behind it
-//!   overtake it.
+//! - **reordering**: only a share `reorder` of packets, each held back an
+//!   extra `max(delay, 10 ms)`, so the packets behind it overtake it.
+//!   Jitter alone keeps order. (An emulator whose jitter reorders, as
+//!   netem's does, swaps packets sent microseconds apart half the time; on
+//!   real paths that is rare, and it costs QUIC a retransmission timeout
+//!   whenever a client's first 1-RTT packet overtakes its handshake
+//!   Finished, which servers drop.)
 //!
 //! Packets wait in a heap ordered by due time (ties in arrival order), and
-//! one task per direction sends each when it is due. With no jitter and no
-//! reordering, order is kept.
+//! one task per direction sends each when it is due. Without `reorder`,
+//! order is kept.
 //!
 //! Each distinct client address gets its own upstream socket, as a NAT
 //! would, so replies go back to the client that caused them, and many
@@ -589,6 +594,9 @@ struct PipeState {
     heap: BinaryHeap<Reverse<Queued>>,
     heap_bytes: usize,
     next_order: u64,
+    /// When the last packet not held back for reordering is due: the next
+    /// one is due no earlier (jitter keeps order).
+    last_due: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -629,6 +637,7 @@ impl Pipe {
                 heap: BinaryHeap::new(),
                 heap_bytes: 0,
                 next_order: 0,
+                last_due: None,
             }),
             wake: Notify::new(),
             counters: Counters::default(),
@@ -639,6 +648,9 @@ impl Pipe {
         let mut state = lock(&self.state);
         state.params = Params::new(&config);
         state.config = config;
+        // New conditions apply from the next packet on, even if it then
+        // overtakes packets queued under the old ones.
+        state.last_due = None;
         if state.params.rate.is_none() {
             state.bucket = None;
         }
@@ -708,11 +720,14 @@ impl Pipe {
                 }
             }
         };
-        let mut extra = params.delay + params.jitter.mul_f64(jitter_draw);
-        if reorder_draw < params.reorder {
-            extra += params.delay.max(MIN_REORDER_HOLD);
-        }
-        let due = later(depart, extra);
+        let extra = params.delay + params.jitter.mul_f64(jitter_draw);
+        let due = if reorder_draw < params.reorder {
+            later(depart, extra + params.delay.max(MIN_REORDER_HOLD))
+        } else {
+            let due = later(depart, extra).max(state.last_due.unwrap_or(depart));
+            state.last_due = Some(due);
+            due
+        };
         let order = state.next_order;
         state.next_order += 1;
         state.heap_bytes += cost;

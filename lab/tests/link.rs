@@ -177,7 +177,7 @@ fn up_only(up: Direction, seed: u64) -> LinkConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_is_a_floor_and_jitter_spreads_it() {
-    const N: u64 = 2000;
+    const N: u64 = 600;
     let server = bind().await;
     let config = up_only(
         Direction {
@@ -193,10 +193,13 @@ async fn delay_is_a_floor_and_jitter_spreads_it() {
     let deadline = Instant::now() + Duration::from_secs(8);
     let receiver = receive(server, N as usize, deadline);
     let client = bind().await;
-    // 2000 packets over about a second.
-    let sent = send_paced(&client, link.local_addr(), N, 64, 20, ms(10)).await;
+    // 600 packets over about two seconds, three at a time: jitter keeps
+    // order, so a packet waits for the one ahead of it, and only packets
+    // further apart than the jitter draw it freely.
+    let sent = send_paced(&client, link.local_addr(), N, 64, 3, ms(10)).await;
     let arrivals = receiver.await.unwrap();
     assert_eq!(arrivals.len(), N as usize, "a lossless link lost packets");
+    assert_eq!(out_of_order(&arrivals), 0, "jitter reordered packets");
 
     let mut delays: Vec<Duration> = arrivals
         .iter()
@@ -217,7 +220,8 @@ async fn delay_is_a_floor_and_jitter_spreads_it() {
         median >= ms(29) && median <= ms(40),
         "median {median:?} is not about 30 ms + jitter"
     );
-    // Uniform jitter in [0, 5] ms spreads p5..p95 over about 4.5 ms.
+    // Uniform jitter in [0, 5] ms, each of three packets no earlier than
+    // the one ahead: p5..p95 spread over about 4 ms.
     assert!(
         p95 - p5 >= ms(2),
         "jitter did not spread delays: p5 {p5:?}, p95 {p95:?}"
@@ -265,7 +269,7 @@ async fn loss_drops_its_share() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reorder_and_jitter_reorder_and_nothing_else_does() {
+async fn only_reorder_reorders_and_jitter_keeps_order() {
     const N: u64 = 1000;
     let cases = [
         ("reorder 0.2", 0.2, ms(0)),
@@ -305,9 +309,9 @@ async fn reorder_and_jitter_reorder_and_nothing_else_does() {
                 "{name}: {late} out of order, expected about 200"
             );
             assert!(stats.up.reordered > 0);
-        } else if jitter > Duration::ZERO {
-            assert!(late > 0, "{name}: jitter kept every packet in order");
         } else {
+            // Jitter (5 ms, packets 1 ms apart: a jitter that reordered
+            // would swap hundreds) delays but keeps order, as a queue does.
             assert_eq!(late, 0, "{name}: order was not kept");
             assert_eq!(stats.up.reordered, 0);
         }

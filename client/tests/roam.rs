@@ -1,0 +1,161 @@
+// The roamer with many candidates: a coordinate guide decides which few it
+// probes. Forty probe responders on loopback answer after the delay their
+// place on a map gives them (what a network with those RTTs would do); all
+// forty name one real relay (in-process origin and relay) as their QUIC
+// address, so the roamer really connects once it has picked.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::msg::{Coords, Message, Pong, VERSION};
+use statecast_client::roam::{self, Roamer};
+use statecast_client::select::Candidate;
+use statecast_client::session;
+use tokio::net::UdpSocket;
+
+/// Height of every relay (and of the client), ms.
+const HEIGHT: f32 = 1.0;
+
+/// Relay `i` of the grid: 8 x 5 points, 9 ms apart.
+fn place(i: usize) -> (f32, f32) {
+    ((i % 8) as f32 * 9.0, (i / 8) as f32 * 9.0)
+}
+
+/// The client's point: between relays, nearest to relay 29 (5, 3).
+const CLIENT: (f32, f32) = (47.0, 28.0);
+
+fn rtt_ms(relay: (f32, f32)) -> f64 {
+    let (dx, dy) = (relay.0 - CLIENT.0, relay.1 - CLIENT.1);
+    f64::from((dx * dx + dy * dy).sqrt() + 2.0 * HEIGHT)
+}
+
+/// Answers pings after `delay`, as a relay that far away would.
+async fn responder(delay: Duration, coords: Coords, id: String) -> SocketAddr {
+    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+            let Ok(Message::Ping(ping)) = Message::decode_datagram(&buf[..len], VERSION) else {
+                continue;
+            };
+            let pong = Pong {
+                nonce: ping.nonce,
+                sent_us: ping.sent_us,
+                relay_id: id.clone(),
+                region: "grid".into(),
+                load: 0,
+                origin_rtt_us: u32::MAX,
+                coords: Some(coords),
+            };
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut out = Vec::new();
+                if Message::Pong(pong).encode_datagram(&mut out).is_ok() {
+                    let _ = socket.send_to(&out, from).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guide_probes_few_of_many_candidates_and_finds_a_near_best_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut origin_config = origin::Config {
+        world: "plaza".into(),
+        avatars: Some(4),
+        listen: local,
+        admin: local,
+        ..origin::Config::default()
+    };
+    origin_config.tls.data_dir = Some(dir.path().to_path_buf());
+    let origin = origin::start(origin_config).await.expect("origin starts");
+    let relay = relay::start(relay::Config {
+        id: "relay-grid".into(),
+        listen: local,
+        admin: local,
+        upstream: origin.upstream_addr,
+        data_dir: Some(dir.path().to_path_buf()),
+        ..relay::Config::default()
+    })
+    .await
+    .expect("relay starts");
+    let trust = transport::Trust::dev(dir.path());
+    let tls = tokio::task::spawn_blocking(move || trust.load())
+        .await
+        .unwrap()
+        .unwrap();
+    let endpoint = session::endpoint(&tls, local).unwrap();
+
+    // Listed farthest first, so that an unguided selector (no hints: the
+    // order given) would probe the far corner of the map.
+    let mut order: Vec<usize> = (0..40).collect();
+    order.sort_by(|&a, &b| rtt_ms(place(b)).total_cmp(&rtt_ms(place(a))));
+    let mut candidates = Vec::new();
+    let mut truth = std::collections::HashMap::new();
+    for &i in &order {
+        let (x, y) = place(i);
+        let rtt = rtt_ms((x, y));
+        let probe = responder(
+            Duration::from_secs_f64(rtt / 1000.0),
+            [x, y, HEIGHT],
+            format!("r{i}"),
+        )
+        .await;
+        truth.insert(probe, rtt);
+        candidates.push(Candidate {
+            coords: Some([x, y, HEIGHT]),
+            ..Candidate::new(probe, relay.client_addr)
+        });
+    }
+    let best = truth.values().copied().fold(f64::INFINITY, f64::min);
+
+    let config = |guided: bool| {
+        let mut c = roam::Config::new("plaza");
+        c.select.probes_per_round = 3;
+        c.select.probe_interval = Duration::from_millis(10);
+        c.select.nonce_seed = 7;
+        c.first_pick_timeout = Duration::from_secs(20);
+        if !guided {
+            c.guide = None;
+        }
+        c
+    };
+
+    for guided in [true, false] {
+        let roamer = Roamer::connect(&endpoint, candidates.clone(), config(guided))
+            .await
+            .expect("the roamer connects");
+        let probed = roamer.estimates().iter().filter(|e| e.probed).count();
+        let picked = roamer.relay().expect("connected").probe;
+        let picked_rtt = truth[&picked];
+        let near = best + (best * 0.1).max(5.0);
+        eprintln!("guided {guided}: probed {probed}, picked {picked_rtt:.1} ms, best {best:.1} ms");
+        if guided {
+            assert!(probed <= 8, "guided: {probed} relays probed");
+            assert!(
+                picked_rtt <= near,
+                "guided: picked a relay at {picked_rtt:.1} ms, the best is at {best:.1} ms"
+            );
+        } else {
+            // The same forty without coordinates' help: the first eight in
+            // the order given, all far. What the guide is for.
+            assert!(probed <= 8, "unguided: {probed} relays probed");
+            assert!(
+                picked_rtt > near,
+                "unguided: picked a relay at {picked_rtt:.1} ms (best {best:.1} ms): the test \
+                 does not show what the guide adds"
+            );
+        }
+        roamer.close().await;
+    }
+
+    endpoint.wait_idle().await;
+    relay.shutdown().await;
+    drop(origin);
+}
