@@ -4,6 +4,8 @@
 //! `CI=true`, where that fails). Also the other sources of candidates: a
 //! relay's directory (sent to a real session) and static lists.
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -471,25 +473,11 @@ fn reasons(c: &Candidates) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relays_directory_reaches_the_session_and_becomes_candidates() {
-    let dir = tempfile::tempdir().unwrap();
     let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut origin_config = origin::Config {
-        world: "plaza".into(),
-        avatars: Some(4),
-        listen: local,
-        admin: local,
-        ..origin::Config::default()
-    };
-    origin_config.tls.data_dir = Some(dir.path().to_path_buf());
-    let origin = origin::start(origin_config).await.expect("origin starts");
-    let relay = relay::start(relay::Config {
+    let stack = common::stack(relay::Config {
         id: "relay-eu-1".into(),
         region: "eu-west".into(),
-        listen: local,
-        admin: local,
         probe: Some(local),
-        upstream: origin.upstream_addr,
-        data_dir: Some(dir.path().to_path_buf()),
         directory: vec![
             relay::config::Peer {
                 coords: Some([40.0, -3.5, 2.0]),
@@ -506,15 +494,9 @@ async fn a_relays_directory_reaches_the_session_and_becomes_candidates() {
         ],
         ..relay::Config::default()
     })
-    .await
-    .expect("relay starts");
-    let trust = transport::Trust::dev(dir.path());
-    let tls = tokio::task::spawn_blocking(move || trust.load())
-        .await
-        .unwrap()
-        .unwrap();
-    let endpoint = session::endpoint(&tls, local).unwrap();
-    let mut session = Session::connect(&endpoint, session::Config::new(relay.client_addr, "plaza"))
+    .await;
+    let (relay, endpoint) = (&stack.relay, &stack.endpoint);
+    let mut session = Session::connect(endpoint, session::Config::new(relay.client_addr, "plaza"))
         .await
         .expect("the session opens");
 
@@ -589,9 +571,7 @@ async fn a_relays_directory_reaches_the_session_and_becomes_candidates() {
     );
 
     session.close().await;
-    endpoint.wait_idle().await;
-    relay.shutdown().await;
-    drop(origin);
+    stack.stop().await;
 }
 
 #[tokio::test]

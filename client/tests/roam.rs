@@ -4,6 +4,8 @@
 // forty name one real relay (in-process origin and relay) as their QUIC
 // address, so the roamer really connects once it has picked.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,6 @@ use std::time::Duration;
 use proto::msg::{Coords, Message, Pong, VERSION};
 use statecast_client::roam::{self, Roamer};
 use statecast_client::select::Candidate;
-use statecast_client::session;
 use tokio::net::UdpSocket;
 
 /// Height of every relay (and of the client), ms.
@@ -64,33 +65,12 @@ async fn responder(delay: Duration, coords: Coords, id: String) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guide_probes_few_of_many_candidates_and_finds_a_near_best_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut origin_config = origin::Config {
-        world: "plaza".into(),
-        avatars: Some(4),
-        listen: local,
-        admin: local,
-        ..origin::Config::default()
-    };
-    origin_config.tls.data_dir = Some(dir.path().to_path_buf());
-    let origin = origin::start(origin_config).await.expect("origin starts");
-    let relay = relay::start(relay::Config {
+    let stack = common::stack(relay::Config {
         id: "relay-grid".into(),
-        listen: local,
-        admin: local,
-        upstream: origin.upstream_addr,
-        data_dir: Some(dir.path().to_path_buf()),
         ..relay::Config::default()
     })
-    .await
-    .expect("relay starts");
-    let trust = transport::Trust::dev(dir.path());
-    let tls = tokio::task::spawn_blocking(move || trust.load())
-        .await
-        .unwrap()
-        .unwrap();
-    let endpoint = session::endpoint(&tls, local).unwrap();
+    .await;
+    let (relay, endpoint) = (&stack.relay, &stack.endpoint);
 
     // Listed farthest first, so that an unguided selector (no hints: the
     // order given) would probe the far corner of the map.
@@ -128,7 +108,7 @@ async fn a_guide_probes_few_of_many_candidates_and_finds_a_near_best_one() {
     };
 
     for guided in [true, false] {
-        let roamer = Roamer::connect(&endpoint, candidates.clone(), config(guided))
+        let roamer = Roamer::connect(endpoint, candidates.clone(), config(guided))
             .await
             .expect("the roamer connects");
         let probed = roamer.estimates().iter().filter(|e| e.probed).count();
@@ -155,7 +135,5 @@ async fn a_guide_probes_few_of_many_candidates_and_finds_a_near_best_one() {
         roamer.close().await;
     }
 
-    endpoint.wait_idle().await;
-    relay.shutdown().await;
-    drop(origin);
+    stack.stop().await;
 }
