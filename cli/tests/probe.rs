@@ -13,6 +13,7 @@ use std::time::Duration;
 use proto::msg::{Message, VERSION};
 use relay::probe::{Info, Limits};
 use serde_json::Value;
+use statecast::demo::dns::{self, Dns, Entry};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
@@ -243,78 +244,36 @@ async fn probe_fails_when_no_relay_answers_and_says_so() {
     }
 }
 
-/// Serves `zone.test.` on 127.0.0.1 (UDP) from hickory-server, in-process:
-/// an SRV record per (host, probe port, region), its TXT record and an A
-/// record to 127.0.0.1, where the responders are.
-async fn dns_zone(
-    relays: &[(&str, u16, &str)],
-) -> (
-    SocketAddr,
-    hickory_server::Server<hickory_server::zone_handler::Catalog>,
-) {
-    use hickory_server::net::runtime::TokioRuntimeProvider;
-    use hickory_server::proto::rr::rdata::{A, SOA, SRV, TXT};
-    use hickory_server::proto::rr::{LowerName, Name, RData, Record};
-    use hickory_server::store::in_memory::InMemoryZoneHandler;
-    use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
-    let name = |s: &str| Name::from_ascii(s).unwrap();
-    let origin = name("zone.test.");
-    let mut zone = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(
-        origin.clone(),
-        ZoneType::Primary,
-        AxfrPolicy::Deny,
-    );
-    let soa = SOA::new(
-        name("ns.zone.test."),
-        name("admin.zone.test."),
-        1,
-        3600,
-        600,
-        86_400,
-        30,
-    );
-    assert!(zone.upsert_mut(Record::from_rdata(origin.clone(), 30, RData::SOA(soa)), 1));
-    for (host, probe, region) in relays {
-        let host = name(&format!("{host}.zone.test."));
-        let srv = SRV::new(10, 10, 4434, host.clone());
-        let records = [
-            Record::from_rdata(name("_statecast._udp.zone.test."), 30, RData::SRV(srv)),
-            Record::from_rdata(
-                host.clone(),
-                30,
-                RData::TXT(TXT::new(vec![format!("region={region} probe={probe} v=1")])),
-            ),
-            Record::from_rdata(host, 30, RData::A(A::new(127, 0, 0, 1))),
-        ];
-        for record in records {
-            assert!(zone.upsert_mut(record, 1));
-        }
-    }
-    let mut catalog = Catalog::new();
-    catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    let mut server = hickory_server::Server::new(catalog);
-    server.register_socket(socket);
-    (addr, server)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_discovers_relays_in_dns() {
     let (stop_tx, stop) = watch::channel(false);
     let near = responder(info("relay-eu-1", "eu-west", 100, 5), &stop).await;
     let far = responder(info("relay-us-1", "us-east", 300, 8), &stop).await;
     let far = tap(far, Duration::from_millis(40), Arc::default(), &stop).await;
-    let (dns, _server) = dns_zone(&[
-        ("relay1", near.port(), "eu-west"),
-        ("relay2", far.port(), "us-east"),
-    ])
-    .await;
-    let dns = dns.to_string();
+    // The demo's zone server (hickory-server, in-process): one client
+    // region, `zone`, under which both relays are listed. The SRV port is
+    // never used by a probe.
+    let entry = |relay: &str, region: &str, probe_port: u16| Entry {
+        relay: relay.into(),
+        relay_region: region.into(),
+        quic_port: 4434,
+        probe_port,
+    };
+    let zone = Dns::serve(&[(
+        "zone".to_string(),
+        vec![
+            entry("relay1", "eu-west", near.port()),
+            entry("relay2", "us-east", far.port()),
+        ],
+    )])
+    .await
+    .unwrap();
+    let dns = zone.addr.to_string();
+    let domain = dns::domain("zone");
     let out = statecast(&[
         "probe",
         "--discover",
-        "zone.test",
+        &domain,
         "--dns-server",
         &dns,
         "--count",
@@ -330,10 +289,10 @@ async fn probe_discovers_relays_in_dns() {
     let rows: Vec<Value> = serde_json::from_str(&stdout).unwrap();
     assert_eq!(rows.len(), 2, "{stdout}");
     // Named by their DNS host and TXT probe port; the near one chosen.
-    assert_eq!(rows[0]["addr"], format!("relay1.zone.test:{}", near.port()));
+    assert_eq!(rows[0]["addr"], format!("relay1.{domain}:{}", near.port()));
     assert_eq!(rows[0]["region"], "eu-west");
     assert_eq!(rows[0]["chosen"], true);
-    assert_eq!(rows[1]["addr"], format!("relay2.zone.test:{}", far.port()));
+    assert_eq!(rows[1]["addr"], format!("relay2.{domain}:{}", far.port()));
     assert_eq!(rows[1]["region"], "us-east");
     assert_eq!(rows[1]["chosen"], false);
     assert!(f(&rows[1], "rtt_min_ms") >= 40.0, "{:#}", rows[1]);
@@ -342,7 +301,7 @@ async fn probe_discovers_relays_in_dns() {
     let out = statecast(&[
         "probe",
         "--discover",
-        "nothing.zone.test",
+        "nothing.demo.test",
         "--dns-server",
         &dns,
     ])
@@ -350,10 +309,11 @@ async fn probe_discovers_relays_in_dns() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("no such name") && stderr.contains("nothing.zone.test"),
+        stderr.contains("no such name") && stderr.contains("nothing.demo.test"),
         "{stderr}"
     );
     stop_tx.send_replace(true);
+    zone.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
