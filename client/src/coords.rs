@@ -60,6 +60,20 @@
 //!    Every relay is hinted with its predicted RTT
 //!    ([`Selector::set_hint`]) and its published origin RTT
 //!    ([`Selector::set_origin_hint`]) for the selector's later rounds.
+//! 4. second phase, from the [`GuideConfig::plausible_after`]-th relay on
+//!    while the best relay measured is within [`GuideConfig::local_ms`]:
+//!    instead of trusting one fitted point, weigh every client position on
+//!    a grid by how well it explains the RTTs measured ([`plausible`]: a
+//!    client among the relays of several cities may be on either side of
+//!    them, or between them with a long access link), and probe the relay
+//!    with the largest *expected improvement* on the best score measured
+//!    (less [`GuideConfig::gain_ms`]), each position predicting the relay's
+//!    RTT within a spread that grows with the RTT and with the distance to
+//!    the nearest relay measured. Stop when no relay is expected to
+//!    improve by [`GuideConfig::min_gain_ms`] (fewer than budget probes).
+//! 5. finally, probe once more the relays that lost a ping and would be
+//!    the best but for the selector's loss penalty
+//!    ([`GuideConfig::confirm_lossy`]).
 //!
 //! Each round adds a sample nearer the client, so the fit improves where it
 //! matters, near the best relays; the first, far-apart samples only need to
@@ -556,6 +570,137 @@ pub fn spread(points: &[Coords], k: usize) -> Vec<usize> {
     picked
 }
 
+/// Cells per side of the grid [`plausible`] searches. 32 and 64 give the
+/// same `lab route` figures; 32 costs a quarter.
+const PLAUSIBLE_GRID: usize = 32;
+
+/// Client positions (with their fitted heights) consistent with RTTs (ms)
+/// measured to points of known coordinates, each matched within
+/// `tolerance x rtt + tolerance_ms` (one standard deviation): the cells of
+/// a grid over the region where every sample allows the client to be
+/// (within `rtt + 2 standard deviations` of each sample's point in the
+/// plane), whose sum of squared normalised errors, at the cell's best
+/// height (between 0 and the shortest RTT), is within `slack` of the best
+/// cell's. Empty without a valid sample.
+///
+/// Unlike [`fit`], which returns one point, this keeps every position the
+/// measurements cannot rule out: a client among relays of several cities
+/// measured at similar RTTs may be on either side of them, or in their
+/// middle with a long access link, and the relays that could be near it
+/// are different in each case.
+pub fn plausible(
+    samples: &[(Coords, f64)],
+    tolerance: f64,
+    tolerance_ms: f64,
+    slack: f64,
+) -> Vec<Coords> {
+    let samples: Vec<(Point, f64, f64)> = samples
+        .iter()
+        .filter(|(_, rtt)| valid_rtt(*rtt))
+        .filter_map(|(c, rtt)| {
+            let sigma = tolerance.max(0.0) * rtt + tolerance_ms.max(0.0);
+            (sigma.is_finite() && sigma > 0.0).then_some((point(c)?, *rtt, sigma))
+        })
+        .collect();
+    posterior(&samples, slack)
+        .into_iter()
+        .map(|(_, p)| p.coords())
+        .collect()
+}
+
+/// The grid cells of [`plausible`] on valid samples `(point, rtt,
+/// sigma)`, each with its sum of squared normalised errors less the best
+/// cell's (0 to `slack`).
+fn posterior(samples: &[(Point, f64, f64)], slack: f64) -> Vec<(f64, Point)> {
+    let Some(nearest) = samples.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+        return Vec::new();
+    };
+    let reach = |(p, rtt, sigma): &(Point, f64, f64)| {
+        let r = rtt + 2.0 * sigma;
+        (p.x - r, p.x + r, p.y - r, p.y + r)
+    };
+    let mut bounds = reach(nearest);
+    for s in samples {
+        let (x0, x1, y0, y1) = reach(s);
+        bounds = (
+            bounds.0.max(x0),
+            bounds.1.min(x1),
+            bounds.2.max(y0),
+            bounds.3.min(y1),
+        );
+    }
+    if bounds.0 >= bounds.1 || bounds.2 >= bounds.3 {
+        // No position satisfies every sample: search near the nearest.
+        bounds = reach(nearest);
+    }
+    let max_height = nearest.1;
+    let weights: Vec<f64> = samples.iter().map(|s| 1.0 / (s.2 * s.2)).collect();
+    let wsum: f64 = weights.iter().sum();
+    let n = PLAUSIBLE_GRID;
+    let mut cells: Vec<(f64, Point)> = Vec::with_capacity(n * n);
+    for i in 0..n {
+        for j in 0..n {
+            let x = bounds.0 + (bounds.1 - bounds.0) * (i as f64 + 0.5) / n as f64;
+            let y = bounds.2 + (bounds.3 - bounds.2) * (j as f64 + 0.5) / n as f64;
+            let at = Point { x, y, h: 0.0 };
+            // The weighted least-squares height, clamped.
+            let h = samples
+                .iter()
+                .zip(&weights)
+                .map(|((q, rtt, _), w)| w * (rtt - at.planar(q) - q.h))
+                .sum::<f64>()
+                / wsum;
+            let at = Point {
+                h: h.clamp(0.0, max_height),
+                ..at
+            };
+            let loss: f64 = samples
+                .iter()
+                .map(|(q, rtt, sigma)| ((at.dist(q) - rtt) / sigma).powi(2))
+                .sum();
+            if loss.is_finite() {
+                cells.push((loss, at));
+            }
+        }
+    }
+    let best = cells.iter().map(|c| c.0).fold(f64::INFINITY, f64::min);
+    let slack = if slack.is_finite() {
+        slack.max(0.0)
+    } else {
+        0.0
+    };
+    cells
+        .into_iter()
+        .filter(|c| c.0 <= best + slack)
+        .map(|(l, p)| (l - best, p))
+        .collect()
+}
+
+/// The standard normal distribution function (Abramowitz and Stegun
+/// 7.1.26: absolute error below 1.5e-7).
+fn normal_cdf(z: f64) -> f64 {
+    let x = z.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erf = 1.0 - poly * (-x * x).exp();
+    if z >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
+}
+
+/// `E[max(0, target - S)]` for `S` normal with mean `mean` and standard
+/// deviation `sigma` (> 0): the expected improvement on `target`.
+fn expected_improvement(target: f64, mean: f64, sigma: f64) -> f64 {
+    let z = (target - mean) / sigma;
+    let density = (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    ((target - mean) * normal_cdf(z) + sigma * density).max(0.0)
+}
+
 /// The hint for a relay in `region` to a client in `own` region: 10 ms for
 /// the same region, 50 ms for the same area (the part before the first
 /// `-`: `eu-west` and `eu-central` share `eu`), none otherwise. Only the
@@ -607,6 +752,57 @@ pub struct GuideConfig {
     /// relays is often well below their typical RTT), so a far relay whose
     /// prediction is close to the measured best is worth a probe.
     pub optimism: f64,
+    /// Second phase: once this many relays are probed (answered or not),
+    /// while the best relay measured is within [`local_ms`](Self::local_ms)
+    /// of the client, an unprobed relay ranks by its *expected
+    /// improvement* on the best measured score, over every client position
+    /// the measurements leave plausible ([`plausible`]), instead of by the
+    /// one fitted point. 0: never (one phase: fitted point, explore and
+    /// optimism throughout).
+    pub plausible_after: usize,
+    /// A measured RTT `m` (ms) places the client within `tolerance x m +
+    /// tolerance_ms` (one standard deviation) of the distance the
+    /// coordinates give: relays' coordinates are off by several percent,
+    /// each path is inflated its own way, jitter only adds.
+    pub tolerance: f64,
+    /// The fixed part of that tolerance, ms.
+    pub tolerance_ms: f64,
+    /// How far an unprobed relay's RTT may be from what a client position
+    /// predicts, one standard deviation: this share of the predicted RTT
+    /// (each path's own inflation), plus `tolerance_ms`, plus
+    /// [`anchor`](Self::anchor) times its distance in the plane (ms) to the
+    /// nearest relay measured.
+    pub path_spread: f64,
+    /// See [`path_spread`](Self::path_spread): coordinates predict a relay
+    /// well next to one measured (the measurement anchors it) and worse
+    /// the farther it is from any; the same idea as
+    /// [`explore`](Self::explore).
+    pub anchor: f64,
+    /// Positions whose sum of squared normalised errors is more than this
+    /// above the best position's count as ruled out (the others weigh
+    /// `exp(-excess / 2)`).
+    pub plausible: f64,
+    /// Improvements count from the best measured score less this (ms): a
+    /// relay that could at best equal a measured one (its neighbour in the
+    /// same city) is not worth a probe.
+    pub gain_ms: f64,
+    /// A relay is worth a probe in the second phase only when its expected
+    /// improvement is above this (ms).
+    pub min_gain_ms: f64,
+    /// When no relay is worth a probe by that rule: stop before the
+    /// budget (`true`) or spend the rest by the one-phase ranking.
+    pub stop_early: bool,
+    /// The second phase runs only while the best relay measured (by score)
+    /// is at most this RTT (ms) from the client. Farther, the best relay is
+    /// decided by which long path happens to be short, which positions do
+    /// not tell, and the one-phase ranking's optimism does better.
+    pub local_ms: f64,
+    /// After the guided rounds, probe once more every relay that lost a
+    /// ping and would be the best without the loss penalty: one ping lost
+    /// in five is a loss rate of 20% to the selector, 10 ms with the
+    /// default [`Config::loss_penalty`](crate::select::Config::loss_penalty),
+    /// and a second round halves that.
+    pub confirm_lossy: bool,
 }
 
 impl Default for GuideConfig {
@@ -619,13 +815,26 @@ impl Default for GuideConfig {
         // origin choices: neither 95.9%, 0.2 / 0.05 97.7%, 0.3 / 0.15
         // 98.3%; 0.2 / 0.15 and 0.3 / 0.2 worse) and checked on seeds 4 to
         // 6 (0.3 / 0.15: 98.7 to 100% with an origin, against 98.3 to
-        // 99.3% for 0.2 / 0.05). Eight is the probing budget.
+        // 99.3% for 0.2 / 0.05). Eight is the probing budget. The
+        // second phase's constants were chosen on seeds 1 to 3 as well
+        // (benches/README.md has the steps).
         GuideConfig {
             spread: 3,
             step: 1,
             budget: 8,
             explore: 0.3,
             optimism: 0.15,
+            plausible_after: 4,
+            tolerance: 0.08,
+            tolerance_ms: 1.0,
+            path_spread: 0.1,
+            anchor: 0.4,
+            plausible: 12.0,
+            gain_ms: 2.0,
+            min_gain_ms: 0.1,
+            stop_early: true,
+            local_ms: 60.0,
+            confirm_lossy: true,
         }
     }
 }
@@ -677,6 +886,8 @@ pub struct Guide {
     /// Relays' RTTs to the origin as they publish them (directory, TXT
     /// `origin=MS`), ms.
     published: HashMap<SocketAddr, f64>,
+    /// Whether the confirming round ran.
+    confirmed: bool,
 }
 
 impl Guide {
@@ -703,6 +914,7 @@ impl Guide {
             level: Vec::new(),
             replacements: 0,
             published: HashMap::new(),
+            confirmed: false,
         }
     }
 
@@ -814,6 +1026,14 @@ impl Guide {
         }
         ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let probed = estimates.iter().filter(|e| e.probed).count();
+        let after = self.config.plausible_after;
+        if after > 0
+            && probed >= after
+            && let Some(by_improvement) = self.rank_by_improvement(&estimates)
+            && (!by_improvement.is_empty() || self.config.stop_early)
+        {
+            ranked = by_improvement;
+        }
         let remaining = self.config.budget.saturating_sub(probed);
         let unprobed = |a: &SocketAddr| by_addr.get(a).is_some_and(|e| !e.probed);
         let mut batch: Vec<SocketAddr> = Vec::new();
@@ -856,11 +1076,161 @@ impl Guide {
         }
         batch.truncate(remaining);
         if batch.is_empty() || selector.probe_now(&batch, now) == 0 {
+            if !self.confirmed && self.config.confirm_lossy {
+                self.confirmed = true;
+                let lossy = Self::lossy(&estimates);
+                if !lossy.is_empty() && selector.probe_now(&lossy, now) > 0 {
+                    self.level = lossy;
+                    return true;
+                }
+            }
             self.stage = Stage::Done;
             return false;
         }
         self.level = batch;
         true
+    }
+
+    /// The second phase's ranking (see [`GuideConfig::plausible_after`]):
+    /// the unprobed relays whose expected improvement on the best measured
+    /// score less [`GuideConfig::gain_ms`] is above
+    /// [`GuideConfig::min_gain_ms`], most first, as `(-improvement, index,
+    /// addr)`. `None` when the phase does not apply: nothing measured, or
+    /// the best relay measured is farther than [`GuideConfig::local_ms`].
+    fn rank_by_improvement(
+        &self,
+        estimates: &[crate::select::Estimate],
+    ) -> Option<Vec<(f64, usize, SocketAddr)>> {
+        let c = &self.config;
+        let coords_of = |e: &crate::select::Estimate| {
+            e.coords
+                .or_else(|| self.known.get(&e.addr).copied())
+                .and_then(|c| point(&c))
+        };
+        let finite = |v: f64, default: f64| if v.is_finite() { v.max(0.0) } else { default };
+        let tolerance = finite(c.tolerance, 0.0);
+        let tolerance_ms = finite(c.tolerance_ms, 0.0).max(0.1);
+        let spread = finite(c.path_spread, 0.0);
+        let anchor = finite(c.anchor, 0.0);
+        let mut samples: Vec<(Point, f64, f64)> = Vec::new();
+        let (mut best, mut best_rtt) = (f64::INFINITY, f64::INFINITY);
+        for e in estimates {
+            let (true, Some(rtt), Some(at)) = (e.answered, e.rtt_min, coords_of(e)) else {
+                continue;
+            };
+            let rtt = rtt.as_secs_f64() * 1000.0;
+            if !valid_rtt(rtt) {
+                continue;
+            }
+            samples.push((at, rtt, tolerance * rtt + tolerance_ms));
+            let origin = e
+                .origin_rtt
+                .map(|o| o.as_secs_f64() * 1000.0)
+                .or_else(|| self.published.get(&e.addr).copied())
+                .unwrap_or(0.0);
+            if rtt + origin < best {
+                (best, best_rtt) = (rtt + origin, rtt);
+            }
+        }
+        if !best.is_finite()
+            || best_rtt.partial_cmp(&c.local_ms) == Some(std::cmp::Ordering::Greater)
+            || c.local_ms.is_nan()
+        {
+            return None;
+        }
+        let cells = posterior(&samples, finite(c.plausible, 0.0));
+        let weights: Vec<f64> = cells.iter().map(|(l, _)| (-0.5 * l).exp()).collect();
+        let wsum: f64 = weights.iter().sum();
+        if cells.is_empty() || wsum.is_nan() || wsum <= 0.0 {
+            return Some(Vec::new());
+        }
+        let target = best - finite(c.gain_ms, 0.0);
+        // The cells' bounds, to skip relays that no cell brings near the
+        // target.
+        let (mut x0, mut x1, mut y0, mut y1, mut h0) = (
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+        );
+        for (_, q) in &cells {
+            (x0, x1, y0, y1, h0) = (
+                x0.min(q.x),
+                x1.max(q.x),
+                y0.min(q.y),
+                y1.max(q.y),
+                h0.min(q.h),
+            );
+        }
+        let mut ranked = Vec::new();
+        for (i, e) in estimates.iter().enumerate() {
+            if e.probed {
+                continue;
+            }
+            let Some(at) = coords_of(e) else {
+                continue;
+            };
+            let origin = match self.published.get(&e.addr) {
+                Some(&o) => o,
+                None => {
+                    let c = at.coords();
+                    match (self.predict_score(&c), self.predict_rtt(&c)) {
+                        (Some(s), Some(r)) => s - r,
+                        _ => 0.0,
+                    }
+                }
+            };
+            let far = samples
+                .iter()
+                .map(|(q, _, _)| q.planar(&at))
+                .fold(f64::INFINITY, f64::min);
+            let sigma = |rtt: f64| spread * rtt + tolerance_ms + anchor * far;
+            let nearest = (at.x - at.x.clamp(x0, x1)).hypot(at.y - at.y.clamp(y0, y1)) + h0 + at.h;
+            // Four standard deviations short of the target: nothing to
+            // expect.
+            if nearest + origin - 4.0 * sigma(nearest) > target {
+                continue;
+            }
+            let gain = cells
+                .iter()
+                .zip(&weights)
+                .map(|((_, q), w)| {
+                    let rtt = q.dist(&at);
+                    w * expected_improvement(target, rtt + origin, sigma(rtt))
+                })
+                .sum::<f64>()
+                / wsum;
+            if gain.is_finite() && gain > c.min_gain_ms {
+                ranked.push((-gain, i, e.addr));
+            }
+        }
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        Some(ranked)
+    }
+
+    /// Relays measured that lost a ping and would be the best without the
+    /// loss penalty that this costs them: one lost ping of a round of five
+    /// is a loss rate of 20%, which the selector charges as if it were
+    /// the path's.
+    fn lossy(estimates: &[crate::select::Estimate]) -> Vec<SocketAddr> {
+        let best = estimates
+            .iter()
+            .filter_map(|e| e.score.as_ref())
+            .map(|s| s.total)
+            .min();
+        let Some(best) = best else {
+            return Vec::new();
+        };
+        estimates
+            .iter()
+            .filter(|e| {
+                e.score
+                    .as_ref()
+                    .is_some_and(|s| s.loss > Duration::ZERO && s.total - s.loss < best)
+            })
+            .map(|e| e.addr)
+            .collect()
     }
 
     /// Whether the guide has finished: the budget is spent, nothing is left
@@ -1207,6 +1577,75 @@ mod tests {
     /// `origin` (ms): probes 8 relays, chooses within max(5 ms, 10%) of the
     /// best score.
     fn guide_once(relays: &[Coords], origin: &[f64], client: Coords) {
+        let run = run_guide(GuideConfig::default(), relays, origin, client, &[]);
+        assert!(
+            (3..=8).contains(&run.probed),
+            "client {client:?}: {} probed",
+            run.probed
+        );
+        // The criterion: within max(5 ms, 10%) of the best.
+        assert!(
+            run.near_best(),
+            "client {client:?}: chose {} ms, best {} ms",
+            run.chosen,
+            run.best
+        );
+        let own = run.own.unwrap();
+        let planar = (own[0] - client[0]).hypot(own[1] - client[1]);
+        assert!(planar < 20.0, "placed at {own:?}");
+    }
+
+    /// What one guided selection did.
+    struct Run {
+        /// Relays probed.
+        probed: usize,
+        /// Pings sent.
+        pings: u64,
+        /// The chosen relay's true score, and the best one's (ms).
+        chosen: f64,
+        best: f64,
+        own: Option<Coords>,
+    }
+
+    impl Run {
+        /// Within max(5 ms, 10%) of the best: the criterion.
+        fn near_best(&self) -> bool {
+            self.chosen <= self.best + 5f64.max(0.1 * self.best)
+        }
+    }
+
+    /// A guided selector for `client` in simulated time, exact RTTs,
+    /// relays publishing `origin` (ms); the pings whose numbers (counted
+    /// from 0, in sending order) are in `lost` get no answer.
+    fn run_guide(
+        config: GuideConfig,
+        relays: &[Coords],
+        origin: &[f64],
+        client: Coords,
+        lost: &[u64],
+    ) -> Run {
+        run_guide_known(config, relays, relays, origin, client, lost, 0.0)
+    }
+
+    /// [`run_guide`] with relays at `relays` (the truth) that publish
+    /// coordinates `known`.
+    fn run_guide_known(
+        config: GuideConfig,
+        relays: &[Coords],
+        known: &[Coords],
+        origin: &[f64],
+        client: Coords,
+        lost: &[u64],
+        inflation: f64,
+    ) -> Run {
+        // Each path's own inflation: its planar part times 1 to 1 +
+        // `inflation`, the same for every ping.
+        let rtt_to = |i: usize| {
+            let mut rng = 0x5eed ^ i as u64;
+            let stretch = 1.0 + inflation * unit(&mut rng);
+            let (c, r) = (point(&client).unwrap(), point(&relays[i]).unwrap());
+            c.planar(&r) * stretch + c.h + r.h
+        };
         let addr = |i: usize| SocketAddr::from(([10, 0, 0, i as u8 + 1], 4435));
         let ms = |v: f64| Duration::from_secs_f64(v / 1000.0);
         let t0 = Instant::now();
@@ -1214,14 +1653,13 @@ mod tests {
             .map(|i| Candidate::new(addr(i), addr(i)))
             .collect();
         let mut sel = Selector::new(Config::default(), candidates, t0);
-        let mut guide = Guide::new(
-            GuideConfig::default(),
-            relays.iter().enumerate().map(|(i, c)| (addr(i), *c)),
-        )
-        .with_origin_rtts((0..relays.len()).map(|i| (addr(i), ms(origin[i]))));
-        assert_eq!(guide.start(&mut sel, t0), 3, "the medoids");
+        let budget = config.budget;
+        let mut guide = Guide::new(config, known.iter().enumerate().map(|(i, c)| (addr(i), *c)))
+            .with_origin_rtts((0..relays.len()).map(|i| (addr(i), ms(origin[i]))));
+        assert!(guide.start(&mut sel, t0) <= budget.min(3), "the medoids");
         let mut pending: Vec<(Instant, usize, Pong)> = Vec::new();
         let mut now = t0;
+        let mut sent = 0u64;
         for _ in 0..10_000 {
             if guide.is_done() && !sel.probing() {
                 break;
@@ -1232,9 +1670,16 @@ mod tests {
             pending.retain(|p| p.0 > now);
             sel.handle_timeout(now);
             guide.poll(&mut sel, now);
+            // Never more relays than the budget, at any point.
+            let probed = sel.estimates().iter().filter(|e| e.probed).count();
+            assert!(probed <= budget, "{probed} probed, budget {budget}");
             while let Some((to, ping)) = sel.poll_transmit(now) {
+                sent += 1;
+                if lost.contains(&(sent - 1)) {
+                    continue;
+                }
                 let i = (0..relays.len()).find(|&i| addr(i) == to).unwrap();
-                let rtt = distance(&client, &relays[i]);
+                let rtt = rtt_to(i);
                 let pong = Pong {
                     nonce: ping.nonce,
                     sent_us: ping.sent_us,
@@ -1242,7 +1687,7 @@ mod tests {
                     region: String::new(),
                     load: 0,
                     origin_rtt_us: (origin[i] * 1000.0) as u32,
-                    coords: Some(relays[i]),
+                    coords: Some(known[i]),
                 };
                 pending.push((now + ms(rtt), i, pong));
             }
@@ -1250,20 +1695,181 @@ mod tests {
             now = next.expect("something is planned while guiding");
         }
         assert!(guide.is_done());
-        let probed = sel.estimates().iter().filter(|e| e.probed).count();
-        assert_eq!(probed, 8, "client {client:?}");
-        let truth = |i: usize| distance(&client, &relays[i]) + origin[i];
+        let truth = |i: usize| rtt_to(i) + origin[i];
         let best = (0..relays.len()).map(truth).fold(f64::INFINITY, f64::min);
-        let chosen = sel.best().unwrap();
-        let chosen = truth((0..relays.len()).find(|&i| addr(i) == chosen).unwrap());
-        // The criterion: within max(5 ms, 10%) of the best.
+        let chosen = sel
+            .best()
+            .and_then(|a| (0..relays.len()).find(|&i| addr(i) == a))
+            .map_or(f64::INFINITY, truth);
+        Run {
+            probed: sel.estimates().iter().filter(|e| e.probed).count(),
+            pings: sel.stats().pings_sent,
+            chosen,
+            best,
+            own: guide.own_coords(),
+        }
+    }
+
+    /// The one-phase guide: fitted point, explore and optimism throughout,
+    /// no confirming round.
+    fn one_phase() -> GuideConfig {
+        GuideConfig {
+            plausible_after: 0,
+            confirm_lossy: false,
+            ..GuideConfig::default()
+        }
+    }
+
+    /// Three regions 300 ms apart, each with a big city (five relays) and
+    /// a small one 12 ms away (two relays), relays' heights 0.5 ms.
+    fn two_cities_per_region() -> Vec<Coords> {
+        let mut relays = Vec::new();
+        for (rx, ry) in [(0.0f32, 0.0f32), (300.0, 0.0), (0.0, 300.0)] {
+            for k in 0..5 {
+                relays.push([rx + 0.3 * k as f32, ry, 0.5]);
+            }
+            for k in 0..2 {
+                relays.push([rx + 12.0, ry + 0.3 * k as f32, 0.5]);
+            }
+        }
+        relays
+    }
+
+    /// Clients of a region of three cities, one big (six relays) and two
+    /// small ones 15 and 18 ms away, each path inflated its own way (up to
+    /// 50%) and with access links of 2 to 14 ms: the guide, first phase and
+    /// second, ends near the best within its budget wherever the client is.
+    #[test]
+    fn the_guide_ends_near_best_among_close_cities() {
+        let mut relays = Vec::new();
+        for (rx, ry) in [(0.0f32, 0.0f32), (300.0, 0.0), (0.0, 300.0)] {
+            for k in 0..6 {
+                relays.push([rx + 0.3 * k as f32, ry, 0.5]);
+            }
+            relays.push([rx, ry - 15.0, 0.5]);
+            relays.push([rx - 17.0, ry + 7.0, 0.5]);
+            relays.push([rx - 17.3, ry + 7.0, 0.5]);
+        }
+        let none = vec![0.0; relays.len()];
+        for (cx, cy) in [(0.0f32, 0.0f32), (0.0, -15.0), (-17.0, 7.0)] {
+            for (dx, dy) in [(-3.0f32, 0.0f32), (0.0, 3.0), (3.0, -3.0)] {
+                for h in [2.0f32, 5.0, 9.0, 14.0] {
+                    let client = [cx + dx, cy + dy, h];
+                    let config = GuideConfig::default();
+                    let run = run_guide_known(config, &relays, &relays, &none, client, &[], 0.5);
+                    assert!(run.probed <= 8, "{client:?}: {} probed", run.probed);
+                    assert!(
+                        run.near_best(),
+                        "client {client:?}: chose {} ms, best {} ms",
+                        run.chosen,
+                        run.best
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_guide_never_probes_more_relays_than_its_budget() {
+        let relays = geometric(60, 4);
+        let none = vec![0.0; relays.len()];
+        for budget in [0, 1, 3, 5, 8, 12] {
+            for config in [
+                GuideConfig {
+                    budget,
+                    ..GuideConfig::default()
+                },
+                GuideConfig {
+                    budget,
+                    stop_early: false,
+                    ..GuideConfig::default()
+                },
+                GuideConfig {
+                    budget,
+                    ..one_phase()
+                },
+            ] {
+                for client in [[10.0f32, 280.0, 3.0], [150.0, 150.0, 12.0]] {
+                    // Some pings lost, so that replacements and the
+                    // confirming round run too.
+                    let run = run_guide(config.clone(), &relays, &none, client, &[1, 7, 16]);
+                    assert!(run.probed <= budget, "{budget}: {} probed", run.probed);
+                    if budget == 0 {
+                        assert_eq!(run.pings, 0);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_lost_ping_at_the_best_relay_is_confirmed_once() {
+        // One relay near the client, the others 20 ms and more away.
+        let relays = two_cities_per_region();
+        let none = vec![0.0; relays.len()];
+        let client = [13.0f32, 1.0, 3.0];
+        let exact = run_guide(GuideConfig::default(), &relays, &none, client, &[]);
+        // Every ping answered: no confirming round (five pings a relay).
+        assert_eq!(exact.pings, 5 * exact.probed as u64);
+        // Lose one ping of every round: the relays that would be best but
+        // for the loss get one more round.
+        let lost: Vec<u64> = (0..10).map(|k| 4 + 5 * k).collect();
+        let lossy = run_guide(GuideConfig::default(), &relays, &none, client, &lost);
         assert!(
-            chosen <= best + 5f64.max(0.1 * best),
-            "client {client:?}: chose {chosen} ms, best {best} ms"
+            lossy.near_best(),
+            "chose {} ms, best {} ms",
+            lossy.chosen,
+            lossy.best
         );
-        let own = guide.own_coords().unwrap();
-        let planar = (own[0] - client[0]).hypot(own[1] - client[1]);
-        assert!(planar < 20.0, "placed at {own:?}");
+        assert!(
+            lossy.pings > 5 * lossy.probed as u64,
+            "{} pings",
+            lossy.pings
+        );
+        assert!(
+            lossy.pings <= 10 * lossy.probed as u64,
+            "{} pings",
+            lossy.pings
+        );
+    }
+
+    #[test]
+    fn plausible_positions_include_both_sides_of_an_ambiguous_pair() {
+        // Two samples 20 ms apart, each measured at 14 ms: the client is
+        // on either side of the line between them (or between them with a
+        // long access link). Every plausible position fits the samples.
+        let samples: Vec<(Coords, f64)> = vec![([0.0, 0.0, 0.0], 14.0), ([20.0, 0.0, 0.0], 14.0)];
+        let cells = plausible(&samples, 0.05, 0.5, 4.0);
+        assert!(!cells.is_empty());
+        assert!(cells.iter().any(|c| c[1] > 5.0), "above the line");
+        assert!(cells.iter().any(|c| c[1] < -5.0), "below the line");
+        for c in &cells {
+            for (q, rtt) in &samples {
+                let d = distance(c, q);
+                assert!((d - rtt).abs() < 4.0, "{c:?}: {d} ms for {rtt}");
+            }
+            assert!(c.iter().all(|v| v.is_finite()) && c[2] >= 0.0);
+        }
+        // A third sample settles it.
+        let mut three = samples.clone();
+        three.push(([10.0, 12.0, 0.0], 3.0));
+        let cells = plausible(&three, 0.05, 0.5, 4.0);
+        assert!(cells.iter().all(|c| c[1] > 5.0), "{cells:?}");
+        assert!(plausible(&[], 0.1, 1.0, 4.0).is_empty());
+        assert!(plausible(&[([f32::NAN, 0.0, 0.0], 10.0)], 0.1, 1.0, 4.0).is_empty());
+    }
+
+    #[test]
+    fn expected_improvement_is_that_of_a_normal_variable() {
+        // Far below the target: the difference; far above: nothing; at
+        // the target: sigma / sqrt(2 pi).
+        assert!((expected_improvement(100.0, 50.0, 1.0) - 50.0).abs() < 1e-6);
+        assert!(expected_improvement(100.0, 150.0, 1.0) < 1e-9);
+        let at = expected_improvement(10.0, 10.0, 2.0);
+        assert!((at - 2.0 / (2.0 * std::f64::consts::PI).sqrt()).abs() < 1e-6);
+        assert!((normal_cdf(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_cdf(1.96) - 0.975).abs() < 1e-3);
+        assert!((normal_cdf(-1.96) - 0.025).abs() < 1e-3);
     }
 
     #[test]
