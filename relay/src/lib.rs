@@ -11,7 +11,6 @@
 #![warn(missing_docs)]
 
 pub mod config;
-pub mod crew;
 pub mod fanout;
 pub mod metrics;
 pub mod probe;

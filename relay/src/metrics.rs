@@ -32,14 +32,14 @@ pub struct Metrics {
     /// From a tick's arrival at the relay to its update leaving for a client.
     pub fanout_latency: Histogram,
     /// From a tick's arrival at the relay to the end of each step of its
-    /// fan-out (`picked`: a fan-out thread took it; `split`: split into
-    /// cells and in the ring; `coded`: a thread finished coding chunks in
-    /// advance; `first` / `last`: a thread handed its first / last update
-    /// of the tick to quinn), once per tick and thread.
+    /// fan-out (`split`: split into cells and in the ring; `picked`: the
+    /// fan-out loop took it; `coded`: a fan-out loop finished coding chunks
+    /// in advance; `first` / `last`: a loop handed its first / last update
+    /// of the tick to quinn), once per tick and loop (one loop per core).
     pub fanout_stage: HistogramVec,
-    /// CPU seconds the fan-out threads spent building updates: coding
-    /// chunks in advance and assembling datagrams (not sending them), as
-    /// [`CpuTimer`] measures them.
+    /// CPU seconds the fan-out spent building updates: coding chunks in
+    /// advance and assembling datagrams (coding the chunks not coded in
+    /// advance included; not sending them), as [`CpuTimer`] measures them.
     pub build_seconds: Counter,
     /// Chunks coded in advance, before a tick's updates were built.
     pub chunks_precoded: IntCounter,
@@ -114,7 +114,7 @@ impl Metrics {
         let fanout_stage = HistogramVec::new(
             HistogramOpts::new(
                 "statecast_relay_fanout_stage_seconds",
-                "Time from a tick's arrival at the relay to the end of each step of its fan-out, per fan-out thread.",
+                "Time from a tick's arrival at the relay to the end of each step of its fan-out, per fan-out loop.",
             )
             .buckets(vec![
                 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025,
@@ -175,7 +175,7 @@ impl Metrics {
             fanout_stage,
             build_seconds: float_counter(
                 "statecast_relay_build_cpu_seconds_total",
-                "CPU seconds the fan-out threads spent building updates (coding chunks, assembling datagrams; not sending).",
+                "CPU seconds the fan-out spent building updates (coding chunks, assembling datagrams; not sending).",
             ),
             chunks_precoded: counter(
                 "statecast_relay_chunks_precoded_total",
@@ -265,7 +265,7 @@ impl Default for Metrics {
 }
 
 /// The stages of `statecast_relay_fanout_stage_seconds`, in order.
-pub const FANOUT_STAGES: [&str; 5] = ["picked", "split", "coded", "first", "last"];
+pub const FANOUT_STAGES: [&str; 5] = ["split", "picked", "coded", "first", "last"];
 
 thread_local! {
     /// This thread's `/proc/thread-self/schedstat`, opened on first use

@@ -4,12 +4,15 @@
 //! ## Tasks
 //!
 //! - one *upstream* task per world: reads verified ticks from the
-//!   subscription, pushes them into the world's ring ([`WorldState`]),
-//!   publishes the newest tick on a `watch` (latest wins) and forwards the
-//!   inputs collected since the previous tick as one batch;
+//!   subscription, splits them into cells and pushes them into the world's
+//!   ring ([`WorldState`]), publishes the newest tick on a `watch` (latest
+//!   wins) and forwards the inputs collected since the previous tick as one
+//!   batch;
 //! - one *fan-out* task per world ([`fanout_loop`]): on each new tick it
-//!   builds every client's update ([`ClientView::build_datagram`]) and hands
-//!   it to quinn, the clients split in one shard per core; a datagram when
+//!   codes the chunks the clients' updates will need
+//!   ([`ChunkCache::precode`]) on every core at once, then builds every
+//!   client's update ([`ClientView::build_datagram`]) and hands it to quinn,
+//!   the clients split in one shard per core; a datagram when
 //!   it fits, otherwise a short unidirectional stream with its own task (a
 //!   few such streams may be on their way at once, and when that many are,
 //!   ticks are skipped for that client and the newest goes once one has
@@ -29,8 +32,10 @@
 //! next.
 
 use crate::config::{self, Config, Peer};
-use crate::fanout::{ChunkCache, ClientView, Interest, TickState, WorldState};
-use crate::metrics::Metrics;
+use crate::fanout::{
+    BuiltDatagram, ChunkCache, ClientView, Interest, Precode, TickState, WorldState,
+};
+use crate::metrics::{CpuTimer, Metrics};
 use crate::probe;
 use bytes::Bytes;
 use proto::interest::Grid;
@@ -44,7 +49,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -811,23 +816,26 @@ async fn upstream_loop(
                 // Split under a shared lock (the fan-out keeps reading the
                 // ring meanwhile), added under the exclusive one. This task
                 // is the ring's only writer, so nothing comes in between.
-                let split_started = Instant::now();
-                let prepared = world.state.read().expect("not poisoned").prepare(
+                // The feed has hashed every entity already.
+                let split = CpuTimer::start();
+                let prepared = world.state.read().expect("not poisoned").prepare_hashed(
                     tick.tick,
                     tick.origin_time_us,
                     tick.hash,
                     tick.snapshot.clone(),
+                    sub.entity_hashes().map(|h| &h[..]),
                 );
+                let pushed = prepared
+                    .and_then(|state| world.state.write().expect("not poisoned").commit(state));
                 shared
                     .metrics
                     .split_seconds
-                    .inc_by(split_started.elapsed().as_secs_f64());
-                let pushed = prepared
-                    .and_then(|state| world.state.write().expect("not poisoned").commit(state));
+                    .inc_by(split.elapsed_ns() as f64 / 1e9);
                 if let Some((state, evicted)) = pushed {
                     if let Some(old) = evicted {
                         world.cache.evict_before(old + 1);
                     }
+                    shared.fanout.split.observe(arrived.elapsed().as_secs_f64());
                     world.latest.send_replace(Some((state, arrived)));
                 }
                 world.feed.send_replace(Some(tick.clone()));
@@ -911,6 +919,7 @@ struct CacheReported {
     hits: u64,
     misses: u64,
     encode_ns: u64,
+    precoded: u64,
 }
 
 /// Adds what `cache` did since the last call to the relay-wide counters.
@@ -918,6 +927,10 @@ struct CacheReported {
 fn update_cache_metrics(metrics: &Metrics, cache: &ChunkCache, reported: &mut CacheReported) {
     let (hits, misses) = cache.counts();
     let encode_ns = cache.encode_ns();
+    let precoded = cache.precoded();
+    metrics
+        .chunks_precoded
+        .inc_by(precoded.saturating_sub(reported.precoded));
     metrics
         .cache_hits
         .inc_by(hits.saturating_sub(reported.hits));
@@ -931,6 +944,7 @@ fn update_cache_metrics(metrics: &Metrics, cache: &ChunkCache, reported: &mut Ca
         hits,
         misses,
         encode_ns,
+        precoded,
     };
     let (h, m) = (metrics.cache_hits.get(), metrics.cache_misses.get());
     if h + m > 0 {
@@ -1251,16 +1265,28 @@ struct FanoutCounters {
     datagram_send: prometheus::IntCounter,
     stream_busy: prometheus::IntCounter,
     stream_superseded: prometheus::IntCounter,
+    /// `statecast_relay_fanout_stage_seconds`, one per stage.
+    picked: prometheus::Histogram,
+    split: prometheus::Histogram,
+    coded: prometheus::Histogram,
+    first: prometheus::Histogram,
+    last: prometheus::Histogram,
 }
 
 impl FanoutCounters {
     fn new(metrics: &Metrics) -> FanoutCounters {
+        let stage = |name: &str| metrics.fanout_stage.with_label_values(&[name]);
         FanoutCounters {
             datagrams: metrics.updates_sent.with_label_values(&["datagram"]),
             streams: metrics.updates_sent.with_label_values(&["stream"]),
             datagram_send: metrics.drops.with_label_values(&["datagram_send"]),
             stream_busy: metrics.drops.with_label_values(&["stream_busy"]),
             stream_superseded: metrics.drops.with_label_values(&["stream_superseded"]),
+            picked: stage("picked"),
+            split: stage("split"),
+            coded: stage("coded"),
+            first: stage("first"),
+            last: stage("last"),
         }
     }
 }
@@ -1286,12 +1312,16 @@ struct SinkState {
     closed: bool,
 }
 
-/// Sinks per fan-out shard, at least: below that one task does them all.
+/// Sinks per fan-out shard, at least: below that one thread does them all.
 const MIN_SHARD: usize = 64;
 
-/// The world's fan-out: on each new tick, builds and hands to quinn every
-/// client's update, in one loop per core (the clients split in equal
-/// shards) rather than one task per client. Sending a datagram never
+/// The world's fan-out: on each new tick, codes the chunks the clients'
+/// updates will need ([`ChunkCache::precode`]) on every core at once, then
+/// builds and hands to quinn every client's update, in one loop per core
+/// (the clients split in equal shards) rather than one task per client.
+/// The loop itself and one thread of the blocking pool per further core
+/// share the coding (they claim chunks, so the loop codes alone while a
+/// helper waits for a core) and then a shard of the clients each. Sending a datagram never
 /// waits, so one loop serves every client; a slow client's streams have
 /// their own tasks, and while its pipeline is full its ticks are skipped.
 /// If the loop falls behind, it skips to the newest tick.
@@ -1305,30 +1335,50 @@ async fn fanout_loop(shared: Arc<Shared>, world: Arc<World>) {
         let Some((tick, arrived)) = ticks.borrow_and_update().clone() else {
             continue;
         };
+        shared
+            .fanout
+            .picked
+            .observe(arrived.elapsed().as_secs_f64());
         let sinks = world.sinks.lock().expect("not poisoned").clone();
+        let precode = {
+            let state = world.state.read().expect("not poisoned");
+            let needs = sinks.iter().filter_map(|sink| {
+                sink.view
+                    .lock()
+                    .expect("not poisoned")
+                    .next_update(&state, &tick)
+            });
+            Arc::new(world.cache.precode(state.layout(), &tick, needs))
+        };
         let shards = (sinks.len() / MIN_SHARD).clamp(1, workers);
         let per = sinks.len().div_ceil(shards);
-        let mut tasks = Vec::with_capacity(shards.saturating_sub(1));
-        for i in 1..shards {
-            let (shared, world, sinks, tick) =
-                (shared.clone(), world.clone(), sinks.clone(), tick.clone());
-            tasks.push(tokio::spawn(async move {
-                let end = ((i + 1) * per).min(sinks.len());
-                deliver_all(
-                    &shared,
-                    &world,
-                    &sinks[(i * per).min(end)..end],
-                    &tick,
-                    arrived,
+        // Helpers: one per further shard, or one for coding alone.
+        let helpers = if precode.len() >= 2 * MIN_PRECODE {
+            workers.max(shards)
+        } else {
+            shards
+        };
+        let mut tasks = Vec::with_capacity(helpers.saturating_sub(1));
+        for i in 1..helpers {
+            let (shared, world, sinks, tick, precode) = (
+                shared.clone(),
+                world.clone(),
+                sinks.clone(),
+                tick.clone(),
+                precode.clone(),
+            );
+            // On a thread of the blocking pool, not a runtime task: a task
+            // spawned here would wait in this worker's LIFO slot (which no
+            // other worker steals) until this loop is done with its own
+            // part, i.e. run after it instead of beside it.
+            tasks.push(tokio::task::spawn_blocking(move || {
+                fan_out_part(
+                    &shared, &world, &precode, &sinks, i, shards, per, &tick, arrived,
                 );
             }));
         }
-        deliver_all(
-            &shared,
-            &world,
-            &sinks[..per.min(sinks.len())],
-            &tick,
-            arrived,
+        fan_out_part(
+            &shared, &world, &precode, &sinks, 0, shards, per, &tick, arrived,
         );
         for task in tasks {
             let _ = task.await;
@@ -1336,12 +1386,47 @@ async fn fanout_loop(shared: Arc<Shared>, world: Arc<World>) {
     }
 }
 
-/// Sinks served under one read lock of the ring: few enough that the
-/// upstream task, adding the next tick, waits for a few updates at most.
+/// Chunks to code in advance below which one loop codes them alone.
+const MIN_PRECODE: usize = 16;
+
+/// Part `i` of a tick's fan-out: the chunks not yet claimed, then shard
+/// `i` of `sinks` (if there is one: `shards` of `per` sinks).
+#[allow(clippy::too_many_arguments)]
+fn fan_out_part(
+    shared: &Arc<Shared>,
+    world: &Arc<World>,
+    precode: &Precode,
+    sinks: &[Arc<Sink>],
+    i: usize,
+    shards: usize,
+    per: usize,
+    tick: &Arc<TickState>,
+    arrived: Instant,
+) {
+    if !precode.is_empty() {
+        let timer = CpuTimer::start();
+        if precode.work(&world.cache) > 0 {
+            let ns = timer.elapsed_ns();
+            world.cache.add_encode_ns(ns);
+            shared.metrics.build_seconds.inc_by(ns as f64 / 1e9);
+            shared.fanout.coded.observe(arrived.elapsed().as_secs_f64());
+        }
+    }
+    if i < shards {
+        let end = ((i + 1) * per).min(sinks.len());
+        let start = (i * per).min(end);
+        deliver_all(shared, world, &sinks[start..end], tick, arrived);
+    }
+}
+
+/// Sinks served under one read lock of the ring: their updates are built,
+/// then handed to quinn.
 const LOCK_BATCH: usize = 32;
 
 /// [`deliver`] to each of `sinks`, counting in shard-local metrics (the
 /// shared ones are written once per shard, not by both cores per update).
+/// Updates are built a batch at a time, then sent, so that the building is
+/// timed as a whole ([`CpuTimer`]).
 fn deliver_all(
     shared: &Arc<Shared>,
     world: &Arc<World>,
@@ -1350,13 +1435,31 @@ fn deliver_all(
     arrived: Instant,
 ) {
     let mut stats = ShardStats::new(shared);
+    let mut built = Vec::with_capacity(LOCK_BATCH);
+    let mut sent_any = false;
     for batch in sinks.chunks(LOCK_BATCH) {
         let state = world.state.read().expect("not poisoned");
+        let timer = CpuTimer::start();
         for sink in batch {
-            deliver(shared, world, &state, sink, tick, arrived, &mut stats);
+            let mut st = sink.state.lock().expect("not poisoned");
+            if let Some(update) = build(shared, world, &state, sink, &mut st, tick) {
+                built.push((sink, st, update));
+            }
+        }
+        stats.build_ns += timer.elapsed_ns();
+        drop(state);
+        for (sink, mut st, update) in built.drain(..) {
+            send(shared, world, sink, &mut st, update, arrived, &mut stats);
+            if !sent_any {
+                sent_any = true;
+                shared.fanout.first.observe(arrived.elapsed().as_secs_f64());
+            }
         }
     }
-    stats.flush();
+    if sent_any {
+        shared.fanout.last.observe(arrived.elapsed().as_secs_f64());
+    }
+    stats.flush(shared);
 }
 
 /// What [`deliver`] counts for every update, local to one loop.
@@ -1364,6 +1467,8 @@ struct ShardStats {
     datagrams: prometheus::local::LocalIntCounter,
     bytes: prometheus::local::LocalIntCounter,
     latency: prometheus::local::LocalHistogram,
+    /// CPU spent building updates.
+    build_ns: u64,
 }
 
 impl ShardStats {
@@ -1372,13 +1477,20 @@ impl ShardStats {
             datagrams: shared.fanout.datagrams.local(),
             bytes: shared.metrics.bytes_sent.local(),
             latency: shared.metrics.fanout_latency.local(),
+            build_ns: 0,
         }
     }
 
-    fn flush(&mut self) {
+    fn flush(&mut self, shared: &Shared) {
         self.datagrams.flush();
         self.bytes.flush();
         self.latency.flush();
+        if self.build_ns > 0 {
+            shared
+                .metrics
+                .build_seconds
+                .inc_by(std::mem::take(&mut self.build_ns) as f64 / 1e9);
+        }
     }
 }
 
@@ -1395,7 +1507,7 @@ fn deliver_one(
     let state = world.state.read().expect("not poisoned");
     deliver(shared, world, &state, sink, tick, arrived, &mut stats);
     drop(state);
-    stats.flush();
+    stats.flush(shared);
 }
 
 /// Sends `sink` its update for `tick` (a datagram when it fits, otherwise a
@@ -1410,15 +1522,34 @@ fn deliver(
     arrived: Instant,
     stats: &mut ShardStats,
 ) {
-    let counters = &shared.fanout;
     let mut st = sink.state.lock().expect("not poisoned");
+    let timer = CpuTimer::start();
+    let update = build(shared, world, state, sink, &mut st, tick);
+    stats.build_ns += timer.elapsed_ns();
+    if let Some(update) = update {
+        send(shared, world, sink, &mut st, update, arrived, stats);
+    }
+}
+
+/// The first half of [`deliver`]: `sink`'s update for `tick`, unless it
+/// already has it or its stream pipeline is full (`st` is the sink's
+/// state, locked by the caller until the update is sent).
+fn build(
+    shared: &Shared,
+    world: &World,
+    state: &WorldState,
+    sink: &Sink,
+    st: &mut MutexGuard<'_, SinkState>,
+    tick: &Arc<TickState>,
+) -> Option<BuiltDatagram> {
     if st.closed {
-        return;
+        return None;
     }
     // Stream updates on their way: forget the delivered ones and reset those
     // older than a tick the client has acknowledged since (they are
     // superseded). When the pipeline is full, skip this tick; the newest
     // goes as soon as a stream has arrived.
+    let counters = &shared.fanout;
     if !st.in_flight.is_empty() {
         let acked = sink.view.lock().expect("not poisoned").acked();
         st.in_flight.retain_mut(|stream| {
@@ -1439,7 +1570,7 @@ fn deliver(
         if st.in_flight.len() >= stream_depth(sink.conn.rtt(), world.info.tick_rate) {
             st.waiting = true;
             counters.stream_busy.inc();
-            return;
+            return None;
         }
     }
     st.waiting = false;
@@ -1448,14 +1579,28 @@ fn deliver(
         .lock()
         .expect("not poisoned")
         .build_datagram(state, tick, &world.cache);
-    let built = match built {
-        None => return,
+    match built {
+        None => None,
         Some(Err(e)) => {
             warn!(error = %e, "update does not encode");
-            return;
+            None
         }
-        Some(Ok(built)) => built,
-    };
+        Some(Ok(built)) => Some(built),
+    }
+}
+
+/// The second half of [`deliver`]: hands `built` to quinn, as a datagram
+/// when it fits, otherwise on a stream of its own.
+fn send(
+    shared: &Arc<Shared>,
+    world: &Arc<World>,
+    sink: &Arc<Sink>,
+    st: &mut MutexGuard<'_, SinkState>,
+    built: BuiltDatagram,
+    arrived: Instant,
+    stats: &mut ShardStats,
+) {
+    let counters = &shared.fanout;
     let len = built.datagram.len();
     let fits = sink.conn.max_datagram_size().is_some_and(|max| len <= max);
     if fits {

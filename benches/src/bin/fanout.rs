@@ -60,6 +60,16 @@ struct Args {
     /// Skip the two baselines (per-client encoding, floor).
     #[arg(long)]
     no_baselines: bool,
+    /// How much to raise the nice value of this process's own threads (the
+    /// origin and the load clients) above the servers under test (which
+    /// keep the nice value the bench started with), so that the servers get
+    /// the cores first, as on a machine of their own; the same for the
+    /// relay, per-client encode and floor runs. CPU is measured per process
+    /// either way. Off by default: on a machine shared with other work the
+    /// lowered load clients are the ones starved, acknowledge late, and the
+    /// relay's baselines scatter (see benches/README.md).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    load_nice: i32,
     /// The `statecast` binary [default: next to this one, i.e.
     /// target/release/statecast].
     #[arg(long, value_name = "PATH")]
@@ -113,6 +123,26 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// The bench's runtime: its worker and blocking threads (origin, load
+/// clients) run at `nice` above the nice value of the main thread, which
+/// keeps it and starts the servers (a child inherits the nice value of
+/// the thread that forks it; the servers' is checked and reported). On
+/// Linux a nice value is per thread.
+fn bench_runtime(nice: i32) -> anyhow::Result<tokio::runtime::Runtime> {
+    let base = rustix::process::getpriority_process(None).unwrap_or(0);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if nice > 0 {
+        let target = (base + nice).min(19);
+        builder.on_thread_start(move || {
+            if let Err(e) = rustix::process::setpriority_process(None, target) {
+                eprintln!("warning: cannot lower the load threads' priority: {e}");
+            }
+        });
+    }
+    builder.build().context("cannot start the async runtime")
 }
 
 /// The floor server: serves until its stdin closes (the bench ended, however
@@ -269,6 +299,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             relay_bin,
             floor_bin,
         },
+        load_nice: (args.load_nice > 0).then_some(args.load_nice),
         ..Settings::default()
     };
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -279,7 +310,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     progress.enable_steady_tick(Duration::from_millis(120));
-    let rows = runtime()?.block_on(async {
+    let rows = bench_runtime(args.load_nice)?.block_on(async {
         tokio::select! {
             rows = fanout::run(&settings, &progress) => rows,
             () = shutdown_signal() => Err(anyhow!("interrupted; child processes stopped")),
@@ -292,7 +323,8 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     } else {
         println!(
             "fan-out on loopback: plaza {} avatars on {} m, radius {} m, cells {} m, 20 Hz, \
-             {} s windows after {} s warm-up; {} cores, load average at start {}",
+             {} s windows after {} s warm-up; {} cores, load average at start {}; \
+             origin and load clients at nice +{} over the servers",
             settings.avatars,
             settings.world_size_m,
             settings.radius,
@@ -305,6 +337,16 @@ fn bench(args: &Args) -> anyhow::Result<()> {
                 .take(3)
                 .collect::<Vec<_>>()
                 .join(" "),
+            args.load_nice,
+        );
+        println!(
+            "load average at the end {}",
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         println!();
         print!("{}", fanout::table(&rows));

@@ -42,7 +42,7 @@ use proto::interest::Grid;
 use proto::msg::Area;
 use serde::Serialize;
 use servers::{RelaySpec, Runner, Server};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -52,6 +52,12 @@ use std::time::{Duration, Instant};
 pub const WORLD: &str = "plaza";
 /// Fan-out latency histogram of the relay.
 const FANOUT_LATENCY: &str = "statecast_relay_fanout_latency_seconds";
+/// Fan-out stage histogram of the relay.
+const FANOUT_STAGE: &str = "statecast_relay_fanout_stage_seconds";
+/// CPU the relay's fan-out threads spent building updates.
+const BUILD_CPU: &str = "statecast_relay_build_cpu_seconds_total";
+/// Chunks the relay coded in advance.
+const PRECODED: &str = "statecast_relay_chunks_precoded_total";
 /// Time allowed after the window for updates of its last ticks to arrive.
 const GRACE: Duration = Duration::from_millis(400);
 
@@ -83,6 +89,10 @@ pub struct Settings {
     pub ring_updates: u64,
     /// Where the servers run.
     pub runner: Runner,
+    /// The nice value the bench's own threads (origin, load clients) run
+    /// at, if lowered (the binary does it; reported here). The servers
+    /// keep the nice value the bench started with.
+    pub load_nice: Option<i32>,
 }
 
 impl Default for Settings {
@@ -100,6 +110,7 @@ impl Default for Settings {
             baselines: true,
             ring_updates: 70,
             runner: Runner::InProcess,
+            load_nice: None,
         }
     }
 }
@@ -162,6 +173,23 @@ pub struct ModeReport {
     pub encode_us_per_chunk: Option<f64>,
     /// Chunk lookups (hits and misses) per update delivered.
     pub chunks_per_update: Option<f64>,
+    /// Relay CPU microseconds spent building updates (coding chunks, in
+    /// advance or on first use, and assembling datagrams; not sending them)
+    /// per update delivered: wall time of the fan-out's building, less the
+    /// time its threads waited for a core (absent for relays without the
+    /// metric). For `per_client_encode` this is what coding and assembling
+    /// each client's update costs.
+    pub build_us_per_update: Option<f64>,
+    /// Chunks coded in advance per tick of the window.
+    pub precoded_per_tick: Option<f64>,
+    /// Relay fan-out stages (tick arrival to the end of each step, per
+    /// fan-out loop): stage -> (p50, p99) ms, from the histogram's bucket
+    /// deltas (absent for relays without the metric).
+    pub stages_ms: BTreeMap<String, (f64, f64)>,
+    /// The server process's nice value (`None` in process).
+    pub server_nice: Option<i32>,
+    /// The nice value of the bench's own threads, if lowered.
+    pub load_nice: Option<i32>,
     /// Server RSS with one client (ring full), MiB.
     pub rss_base_mib: f64,
     /// Server RSS with every client, MiB.
@@ -187,6 +215,10 @@ pub struct Row {
     pub per_client_encode_cpu_us_per_update: Option<f64>,
     /// per-client encoding / relay.
     pub encode_ratio: Option<f64>,
+    /// The same for building updates only (coding chunks and assembling
+    /// datagrams, thread CPU; quinn, the split and reading acks left out):
+    /// what the chunk cache saves where it acts.
+    pub build_ratio: Option<f64>,
     /// Relay memory per client, MiB.
     pub mib_per_client: Option<f64>,
     /// Update bytes per client per second.
@@ -345,6 +377,11 @@ async fn run_in(
             ratio_to_floor: floor_us.map(|f| relay.cpu_us_per_update / f),
             per_client_encode_cpu_us_per_update: encode_us,
             encode_ratio: encode_us.map(|e| e / relay.cpu_us_per_update),
+            build_ratio: per_client_encode
+                .as_ref()
+                .and_then(|e| e.build_us_per_update)
+                .zip(relay.build_us_per_update)
+                .map(|(e, r)| e / r),
             mib_per_client: relay.mib_per_client,
             bytes_per_client_per_s: relay.bytes_per_client_per_s,
             added_latency_ms_p50: relay.added_latency_ms_p50,
@@ -565,6 +602,11 @@ async fn measure(
         split_cores: None,
         encode_us_per_chunk: None,
         chunks_per_update: None,
+        build_us_per_update: None,
+        precoded_per_tick: None,
+        stages_ms: BTreeMap::new(),
+        server_nice: server.nice,
+        load_nice: settings.load_nice,
         rss_base_mib: rss_base as f64 / MIB,
         rss_mib: rss as f64 / MIB,
         mib_per_client: (connected > 1)
@@ -591,6 +633,27 @@ async fn measure(
         }
         report.encode_us_per_chunk = (misses > 0.0).then(|| encode_s / misses * 1e6);
         report.chunks_per_update = (updates > 0).then(|| (hits + misses) / updates as f64);
+        if after.sum(BUILD_CPU) > 0.0 && updates > 0 {
+            report.build_us_per_update = Some(delta(BUILD_CPU) / updates as f64 * 1e6);
+        }
+        if ticks > 0 && after.sum(PRECODED) > 0.0 {
+            report.precoded_per_tick = Some(delta(PRECODED) / ticks as f64);
+        }
+        for stage in ["picked", "split", "coded", "first", "last"] {
+            let label = format!("stage=\"{stage}\"");
+            let buckets = prom::bucket_delta(
+                &before.buckets_with(FANOUT_STAGE, &label),
+                &after.buckets_with(FANOUT_STAGE, &label),
+            );
+            if let (Some(p50), Some(p99)) = (
+                prom::quantile(&buckets, 0.5),
+                prom::quantile(&buckets, 0.99),
+            ) {
+                report
+                    .stages_ms
+                    .insert(stage.into(), (p50 * 1e3, p99 * 1e3));
+            }
+        }
     }
     progress.set_message(format!("{label}: stopping"));
     load.shutdown().await;
@@ -618,20 +681,21 @@ pub fn table(rows: &[Row]) -> String {
     }
     let mut out = String::new();
     out.push_str(
-        "| clients | relay us/update | floor us/update | relay/floor | per-client encode us/update | encode/relay | MiB/client | bytes/client/s | added ms p50 | added ms p99 | dropped (relay) |\n",
+        "| clients | relay us/update | floor us/update | relay/floor | per-client encode us/update | encode/relay | encode/relay, building updates only | MiB/client | bytes/client/s | added ms p50 | added ms p99 | dropped (relay) |\n",
     );
     out.push_str(
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {:.1} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} ({}) |\n",
+            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} ({}) |\n",
             r.clients,
             r.relay_cpu_us_per_update,
             opt(r.floor_cpu_us_per_update, 1),
             opt(r.ratio_to_floor, 2),
             opt(r.per_client_encode_cpu_us_per_update, 1),
             opt(r.encode_ratio, 1),
+            opt(r.build_ratio, 1),
             opt(r.mib_per_client, 3),
             r.bytes_per_client_per_s,
             opt(r.added_latency_ms_p50, 2),
@@ -686,6 +750,31 @@ pub fn details(rows: &[Row]) -> String {
                 m.split_cores
                     .map_or(String::new(), |e| format!(", splitting ticks {e:.3} cores")),
             ));
+            let mut more = Vec::new();
+            if let Some(b) = m.build_us_per_update {
+                more.push(format!("building {b:.1} us/update (thread CPU)"));
+            }
+            if let Some(p) = m.precoded_per_tick {
+                more.push(format!("{p:.0} chunks coded in advance per tick"));
+            }
+            if !m.stages_ms.is_empty() {
+                let stages: Vec<String> = m
+                    .stages_ms
+                    .iter()
+                    .map(|(k, (p50, p99))| format!("{k} {p50:.2}/{p99:.2}"))
+                    .collect();
+                more.push(format!("stages p50/p99 ms: {}", stages.join(", ")));
+            }
+            if let Some(n) = m.server_nice {
+                more.push(format!(
+                    "nice: server {n}, load {}",
+                    m.load_nice
+                        .map_or("unchanged".to_owned(), |l| l.to_string())
+                ));
+            }
+            if !more.is_empty() {
+                out.push_str(&format!("  {:<17} {}\n", "", more.join("; ")));
+            }
             if m.failed_connects > 0 {
                 out.push_str(&format!(
                     "  {:<17} {} of {} clients could not connect (server overloaded); figures are for the {} that did\n",
@@ -747,6 +836,24 @@ mod tests {
         assert!(r.added_latency_ms_p99 >= r.added_latency_ms_p50);
         assert!(r.floor_cpu_us_per_update.is_some());
         assert!(r.per_client_encode_cpu_us_per_update.is_some());
+        // The relay's own breakdown: building CPU, chunks coded in advance
+        // (cache on only), the stages of its fan-out.
+        for m in [&r.relay, r.per_client_encode.as_ref().unwrap()] {
+            assert!(m.build_us_per_update.is_some_and(|b| b > 0.0), "{m:?}");
+            for stage in ["picked", "split", "last"] {
+                let (p50, p99) = m.stages_ms[stage];
+                assert!(p50 >= 0.0 && p99 >= p50, "{stage}: {m:?}");
+            }
+        }
+        assert!(r.relay.precoded_per_tick.is_some_and(|p| p > 0.0));
+        assert!(
+            r.per_client_encode
+                .as_ref()
+                .unwrap()
+                .precoded_per_tick
+                .is_none()
+        );
+        assert!(r.build_ratio.is_some_and(|b| b > 0.0));
         let json = serde_json::to_value(&rows).unwrap();
         for key in [
             "clients",

@@ -97,21 +97,32 @@ impl Scrape {
     /// The cumulative buckets of histogram `name`: (upper bound, count),
     /// by increasing bound, `+Inf` last.
     pub fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
+        self.buckets_with(name, "")
+    }
+
+    /// The buckets of the series of histogram `name` whose labels include
+    /// `label` (as written: `stage="split"`; empty: every series, summed
+    /// per bound).
+    pub fn buckets_with(&self, name: &str, label: &str) -> Vec<(f64, f64)> {
         let prefix = format!("{name}_bucket{{");
-        let mut out: Vec<(f64, f64)> = self
-            .samples
-            .iter()
-            .filter_map(|(k, v)| {
-                let labels = k.strip_prefix(&prefix)?;
-                let le = labels.split("le=\"").nth(1)?.split('"').next()?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
-                };
-                Some((le, *v))
-            })
-            .collect();
+        let mut sums: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+        let found = self.samples.iter().filter_map(|(k, v)| {
+            let labels = k.strip_prefix(&prefix)?;
+            if !label.is_empty() && !labels.split([',', '}']).any(|l| l == label) {
+                return None;
+            }
+            let le = labels.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, *v))
+        });
+        for (le, v) in found {
+            sums.entry(le.to_bits()).or_insert((le, 0.0)).1 += v;
+        }
+        let mut out: Vec<(f64, f64)> = sums.into_values().collect();
         out.sort_by(|a, b| a.0.total_cmp(&b.0));
         out
     }
@@ -191,5 +202,28 @@ statecast_relay_bytes_sent_total 12345
         let d = bucket_delta(&before, &b);
         assert_eq!(d.last().unwrap().1, 50.0);
         assert_eq!(quantile(&[(f64::INFINITY, 0.0)], 0.5), None);
+    }
+
+    #[test]
+    fn picks_the_series_of_one_label() {
+        let s = Scrape::parse(
+            r#"
+x_seconds_bucket{stage="split",le="0.001"} 4
+x_seconds_bucket{stage="split",le="+Inf"} 5
+x_seconds_bucket{stage="last",le="0.001"} 1
+x_seconds_bucket{stage="last",le="+Inf"} 7
+"#,
+        );
+        let inf = f64::INFINITY;
+        assert_eq!(
+            s.buckets_with("x_seconds", "stage=\"split\""),
+            vec![(0.001, 4.0), (inf, 5.0)]
+        );
+        assert_eq!(
+            s.buckets_with("x_seconds", "stage=\"last\""),
+            vec![(0.001, 1.0), (inf, 7.0)]
+        );
+        assert_eq!(s.buckets("x_seconds"), vec![(0.001, 5.0), (inf, 12.0)]);
+        assert!(s.buckets_with("x_seconds", "stage=\"coded\"").is_empty());
     }
 }

@@ -48,7 +48,15 @@ pub struct Server {
     pub pid: u32,
     /// Log file of a server process.
     pub log: Option<PathBuf>,
+    /// The server process's nice value when it started (`None` in process).
+    pub nice: Option<i32>,
     hold: Hold,
+}
+
+/// The nice value of process `pid` (its main thread), if it can be read.
+fn nice_of(pid: u32) -> Option<i32> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::getpriority_process(Some(pid)).ok()
 }
 
 impl Server {
@@ -179,6 +187,7 @@ pub async fn start_relay(runner: &Runner, spec: &RelaySpec) -> anyhow::Result<Se
                 admin: Some(handle.admin_addr),
                 pid: std::process::id(),
                 log: None,
+                nice: None,
                 hold: Hold::Relay(Box::new(handle)),
             });
         }
@@ -209,6 +218,7 @@ pub async fn start_relay(runner: &Runner, spec: &RelaySpec) -> anyhow::Result<Se
             admin: Some(admin),
             pid: child.id(),
             log: Some(log.clone()),
+            nice: nice_of(child.id()),
             hold: Hold::Child(ChildGuard::new(child, format!("relay {}", bin.display()))),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -254,6 +264,7 @@ pub async fn start_floor(
                 admin: None,
                 pid: std::process::id(),
                 log: None,
+                nice: None,
                 hold: Hold::Floor {
                     stop,
                     task: tokio::spawn(serve),
@@ -286,6 +297,7 @@ pub async fn start_floor(
         .with_context(|| format!("cannot run {}", bin.display()))?;
     let stdout = child.stdout.take().context("floor server stdout")?;
     let pid = child.id();
+    let nice = nice_of(pid);
     let mut guard = ChildGuard::new(child, format!("floor server {}", bin.display()));
     // It prints `listening ADDR` once bound.
     let line = tokio::task::spawn_blocking(move || {
@@ -319,6 +331,7 @@ pub async fn start_floor(
         admin: None,
         pid,
         log: Some(log),
+        nice,
         hold: Hold::Child(guard),
     })
 }
