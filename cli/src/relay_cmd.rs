@@ -68,6 +68,11 @@ pub struct Args {
     /// (only to measure what the shared cache saves).
     #[arg(long, env = "STATECAST_RELAY_NO_CHUNK_CACHE")]
     pub no_chunk_cache: bool,
+    /// Compute this relay's network coordinates by pinging its directory
+    /// peers' probe ports, and publish them in pongs and the directory
+    /// (otherwise the coordinates are whatever the directory entries say).
+    #[arg(long, env = "STATECAST_RELAY_AUTO_COORDS")]
+    pub auto_coords: bool,
     /// Seconds a drain waits for clients to leave [default: 10].
     #[arg(long, value_name = "SECS", env = "STATECAST_RELAY_DRAIN_SECS")]
     pub drain_secs: Option<u64>,
@@ -160,6 +165,10 @@ impl Args {
         // A switch can only turn the cache off: left out, the file decides.
         if self.no_chunk_cache {
             config.chunk_cache = false;
+        }
+        // A switch can only turn it on: left out, the file decides.
+        if self.auto_coords {
+            config.auto_coords = true;
         }
         set(&self.drain_secs, &mut config.drain_secs);
         set(&self.max_clients, &mut config.max_clients);

@@ -51,6 +51,13 @@ pub struct Config {
     pub drain_secs: u64,
     /// Share encoded chunks between clients (off only to measure its gain).
     pub chunk_cache: bool,
+    /// Compute this relay's network coordinates by pinging its directory
+    /// peers (see [`crate::coords`]); its pongs and its directory entry
+    /// then carry them. Off by default: coordinates come from the
+    /// directory entries ops configure.
+    pub auto_coords: bool,
+    /// With `auto_coords`: milliseconds between pings to each peer.
+    pub coords_interval_ms: u64,
     /// TLS: certificate chain (PEM); none means the development CA.
     pub cert: Option<PathBuf>,
     /// TLS: private key (PEM).
@@ -299,6 +306,8 @@ impl Default for Config {
             input_rate: 0,
             drain_secs: 10,
             chunk_cache: true,
+            auto_coords: false,
+            coords_interval_ms: 1000,
             cert: None,
             key: None,
             ca: None,

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod coords;
 pub mod fanout;
 pub mod metrics;
 pub mod probe;

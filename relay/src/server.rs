@@ -177,6 +177,8 @@ struct Shared {
     /// This relay's own directory entry addresses (client, probe), when
     /// clients can use them: `None` when `listen` is a wildcard address.
     own_addrs: Option<(String, String)>,
+    /// Its own coordinates, when it computes them ([`Config::auto_coords`]).
+    own_coords: Option<Arc<crate::coords::OwnCoords>>,
 }
 
 /// A running relay.
@@ -233,6 +235,13 @@ impl RelayHandle {
     /// Clients connected now.
     pub fn clients(&self) -> i64 {
         self.shared.metrics.clients.get()
+    }
+
+    /// Its own coordinates and the samples behind them, when it computes
+    /// them ([`Config::auto_coords`]).
+    pub fn own_coords(&self) -> Option<(msg::Coords, u64)> {
+        let own = self.shared.own_coords.as_ref()?;
+        Some((own.current(), own.samples()))
     }
 
     /// Replaces the peers told to clients; every connected client gets the
@@ -351,6 +360,9 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         sessions: AtomicU64::new(0),
         directory,
         own_addrs,
+        own_coords: config
+            .auto_coords
+            .then(|| Arc::new(crate::coords::OwnCoords::new(&config.id))),
     });
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -406,6 +418,27 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
             stopped(),
         ))
     });
+    // Its own coordinates: pings to the peers go from a socket of their
+    // own on the probe address's IP, so that they never meet the probe
+    // responder's rate limit on this relay.
+    let coords_task = match &shared.own_coords {
+        Some(own) => {
+            let ip = probe_addr.map_or(client_addr.ip(), |a| a.ip());
+            let bind = SocketAddr::new(ip, 0);
+            let socket = tokio::net::UdpSocket::bind(bind)
+                .await
+                .map_err(|source| RelayError::Bind { addr: bind, source })?;
+            Some(tokio::spawn(crate::coords::run(
+                socket,
+                config.id.clone(),
+                shared.directory.subscribe(),
+                own.clone(),
+                Duration::from_millis(config.coords_interval_ms),
+                stopped(),
+            )))
+        }
+        None => None,
+    };
     let accept = tokio::spawn(accept_loop(shared.clone(), client_server.clone()));
     let reaper = tokio::spawn(reaper(shared.clone()));
     readiness.set_ready(true);
@@ -443,6 +476,9 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         }
         if let Some(p) = probes {
             let _ = p.await;
+        }
+        if let Some(c) = coords_task {
+            let _ = c.await;
         }
         let _ = admin_task.await;
         let _ = tokio::time::timeout(Duration::from_secs(1), client_server.wait_idle()).await;
@@ -482,7 +518,7 @@ fn probe_info(shared: Arc<Shared>) -> impl Fn() -> probe::Info + Send + 'static 
             region: shared.config.region.clone(),
             load: current_load(&shared),
             origin_rtt: (rtt != u64::MAX).then(|| Duration::from_micros(rtt)),
-            coords: None,
+            coords: shared.own_coords.as_ref().map(|c| c.current()),
         }
     }
 }
@@ -543,6 +579,8 @@ fn directory(shared: &Shared) -> Option<Directory> {
     };
     // This relay's own entry: the origin RTT it measures, as its pongs say.
     let own_origin_rtt_us = own_origin_rtt_us(shared).unwrap_or(u32::MAX);
+    // Its computed coordinates, once settled ([`crate::coords`]).
+    let own_coords = shared.own_coords.as_ref().and_then(|c| c.settled());
     let mut relays = Vec::with_capacity(peers.len() + 1);
     match peers.iter().find(|p| p.id == config.id) {
         Some(own) => relays.push(RelayInfo {
@@ -552,6 +590,7 @@ fn directory(shared: &Shared) -> Option<Directory> {
                 own.region.clone()
             },
             origin_rtt_us: own_origin_rtt_us,
+            coords: own_coords.or(own.coords),
             ..info(own, current_load(shared))
         }),
         None => {
@@ -563,7 +602,7 @@ fn directory(shared: &Shared) -> Option<Directory> {
                     region: config.region.clone(),
                     load: current_load(shared),
                     origin_rtt_us: own_origin_rtt_us,
-                    coords: None,
+                    coords: own_coords,
                 });
             }
         }
