@@ -901,7 +901,7 @@ impl Guide {
         let known = known
             .into_iter()
             .filter(|(_, c)| point(c).is_some())
-            .map(|(a, c)| (SocketAddr::new(a.ip().to_canonical(), a.port()), c))
+            .map(|(a, c)| (crate::select::canonical(a), c))
             .collect();
         Guide {
             config,
@@ -931,8 +931,7 @@ impl Guide {
         for (a, d) in published {
             let ms = d.as_secs_f64() * 1000.0;
             if ms.is_finite() && ms <= MAX_RTT_MS {
-                self.published
-                    .insert(SocketAddr::new(a.ip().to_canonical(), a.port()), ms);
+                self.published.insert(crate::select::canonical(a), ms);
             }
         }
         self

@@ -1085,14 +1085,14 @@ async fn connect_any(
 fn guide_for(candidates: &[Candidate], max_probed: usize, config: GuideConfig) -> Option<Guide> {
     let known: Vec<(SocketAddr, proto::msg::Coords)> = candidates
         .iter()
-        .filter_map(|c| Some((select::canonical(c.addr), c.coords?)))
+        .filter_map(|c| Some((c.addr, c.coords?)))
         .collect();
     if known.len() <= max_probed.max(1) || config.budget == 0 {
         return None;
     }
     let published = candidates
         .iter()
-        .filter_map(|c| Some((select::canonical(c.addr), c.origin_rtt?)));
+        .filter_map(|c| Some((c.addr, c.origin_rtt?)));
     Some(Guide::new(config, known).with_origin_rtts(published))
 }
 
@@ -1186,49 +1186,40 @@ impl Prober {
     /// started: the first pings went then, all together).
     async fn first_pick(&self, start: Instant, timeout: Duration) {
         let deadline = start + timeout;
-        // Guided: the guide's last round decides (it ends on a completed
-        // round, so the pick has every answer it asked for).
-        while self.guiding.load(Ordering::Acquire) {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if !self.guiding.load(Ordering::Acquire) {
-                return;
-            }
-            tokio::select! {
-                _ = changed => {}
-                _ = tokio::time::sleep_until(deadline) => return,
-            }
-        }
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let wait_until = {
-                let selector = self.selector();
-                let estimates = selector.estimates();
-                let probed: Vec<_> = estimates.iter().filter(|e| e.probed).collect();
-                let best = probed
-                    .iter()
-                    .filter(|e| e.alive)
-                    .filter_map(|e| e.rtt_min)
-                    .min();
-                match best {
-                    Some(_) if probed.iter().all(|e| e.answered) => return,
-                    // The first pings went together at `start` (see
-                    // `select`): a relay silent at 1.5 x the best RTT is
-                    // slower than the best by half of it at least.
-                    Some(best) => start + best + best / 2 + Duration::from_millis(2),
-                    None => deadline,
+            // Guided: the guide's last round decides (it ends on a
+            // completed round, so the pick has every answer it asked for).
+            let mut until = deadline;
+            if !self.guiding.load(Ordering::Acquire) {
+                let wait_until = {
+                    let selector = self.selector();
+                    let estimates = selector.estimates();
+                    let probed: Vec<_> = estimates.iter().filter(|e| e.probed).collect();
+                    let best = probed
+                        .iter()
+                        .filter(|e| e.alive)
+                        .filter_map(|e| e.rtt_min)
+                        .min();
+                    match best {
+                        Some(_) if probed.iter().all(|e| e.answered) => return,
+                        // The first pings went together at `start` (see
+                        // `select`): a relay silent at 1.5 x the best RTT
+                        // is slower than the best by half of it at least.
+                        Some(best) => start + best + best / 2 + Duration::from_millis(2),
+                        None => deadline,
+                    }
+                };
+                until = wait_until.min(deadline);
+                if Instant::now() >= until || selector_round_done(&self.selector) {
+                    return;
                 }
-            };
-            let wait_until = wait_until.min(deadline);
-            if Instant::now() >= wait_until || selector_round_done(&self.selector) {
-                return;
             }
             tokio::select! {
                 _ = changed => {}
-                _ = tokio::time::sleep_until(wait_until) => return,
+                _ = tokio::time::sleep_until(until) => return,
             }
         }
     }

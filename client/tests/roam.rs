@@ -1,16 +1,17 @@
 // The roamer with many candidates: a coordinate guide decides which few it
-// probes. Forty probe responders on loopback answer after the delay their
-// place on a map gives them (what a network with those RTTs would do); all
+// probes. Forty real probe responders, each behind an emulated link with
+// the RTT its place on a map gives it (what a network would do); all
 // forty name one real relay (in-process origin and relay) as their QUIC
 // address, so the roamer really connects once it has picked.
 
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use proto::msg::{Coords, Message, Pong, VERSION};
+use lab::{Direction, Link, LinkConfig};
+use proto::msg::Coords;
+use relay::probe::{Info, Limits};
 use statecast_client::roam::{self, Roamer};
 use statecast_client::select::Candidate;
 use tokio::net::UdpSocket;
@@ -31,36 +32,34 @@ fn rtt_ms(relay: (f32, f32)) -> f64 {
     f64::from((dx * dx + dy * dy).sqrt() + 2.0 * HEIGHT)
 }
 
-/// Answers pings after `delay`, as a relay that far away would.
-async fn responder(delay: Duration, coords: Coords, id: String) -> SocketAddr {
-    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let addr = socket.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        while let Ok((len, from)) = socket.recv_from(&mut buf).await {
-            let Ok(Message::Ping(ping)) = Message::decode_datagram(&buf[..len], VERSION) else {
-                continue;
-            };
-            let pong = Pong {
-                nonce: ping.nonce,
-                sent_us: ping.sent_us,
-                relay_id: id.clone(),
-                region: "grid".into(),
-                load: 0,
-                origin_rtt_us: u32::MAX,
-                coords: Some(coords),
-            };
-            let socket = socket.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let mut out = Vec::new();
-                if Message::Pong(pong).encode_datagram(&mut out).is_ok() {
-                    let _ = socket.send_to(&out, from).await;
-                }
-            });
-        }
-    });
-    addr
+/// A real probe responder (`relay::probe::serve`) publishing `coords`,
+/// reached through an emulated link of `rtt`: the probe address to use,
+/// and the link (dropping it would stop it).
+async fn responder(rtt: Duration, coords: Coords, id: String) -> (SocketAddr, Link) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = socket.local_addr().unwrap();
+    let info = move || Info {
+        relay_id: id.clone(),
+        region: "grid".into(),
+        load: 0,
+        origin_rtt: None,
+        coords: Some(coords),
+    };
+    tokio::spawn(relay::probe::serve(
+        socket,
+        info,
+        Limits::default(),
+        relay::metrics::Metrics::new().probes,
+        std::future::pending(),
+    ));
+    let link = Link::start(
+        "127.0.0.1:0".parse().unwrap(),
+        at,
+        LinkConfig::symmetric(Direction::delayed(rtt / 2)),
+    )
+    .await
+    .unwrap();
+    (link.local_addr(), link)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,16 +76,18 @@ async fn a_guide_probes_few_of_many_candidates_and_finds_a_near_best_one() {
     let mut order: Vec<usize> = (0..40).collect();
     order.sort_by(|&a, &b| rtt_ms(place(b)).total_cmp(&rtt_ms(place(a))));
     let mut candidates = Vec::new();
+    let mut links = Vec::new();
     let mut truth = std::collections::HashMap::new();
     for &i in &order {
         let (x, y) = place(i);
         let rtt = rtt_ms((x, y));
-        let probe = responder(
+        let (probe, link) = responder(
             Duration::from_secs_f64(rtt / 1000.0),
             [x, y, HEIGHT],
             format!("r{i}"),
         )
         .await;
+        links.push(link);
         truth.insert(probe, rtt);
         candidates.push(Candidate {
             coords: Some([x, y, HEIGHT]),
@@ -135,5 +136,8 @@ async fn a_guide_probes_few_of_many_candidates_and_finds_a_near_best_one() {
         roamer.close().await;
     }
 
+    for link in links {
+        link.stop().await;
+    }
     stack.stop().await;
 }

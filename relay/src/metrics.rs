@@ -66,37 +66,38 @@ pub struct Metrics {
     pub probes: IntCounterVec,
 }
 
+/// Registers `metric` in `registry` and hands it back.
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            register(&registry, IntGauge::new(name, help).expect("valid metric"))
         };
         let fgauge = |name: &str, help: &str| {
-            let g = GenericGauge::<AtomicF64>::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            register(
+                &registry,
+                GenericGauge::<AtomicF64>::new(name, help).expect("valid metric"),
+            )
         };
         let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            register(
+                &registry,
+                IntCounter::new(name, help).expect("valid metric"),
+            )
         };
         let counter_vec = |name: &str, help: &str, label: &str| {
-            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
+            )
         };
         let fanout_latency = Histogram::with_opts(
             HistogramOpts::new(
@@ -108,9 +109,7 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(fanout_latency.clone()))
-            .expect("unique metric");
+        let fanout_latency = register(&registry, fanout_latency);
         let fanout_stage = HistogramVec::new(
             HistogramOpts::new(
                 "statecast_relay_fanout_stage_seconds",
@@ -123,15 +122,9 @@ impl Metrics {
             &["stage"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(fanout_stage.clone()))
-            .expect("unique metric");
+        let fanout_stage = register(&registry, fanout_stage);
         let float_counter = |name: &str, help: &str| {
-            let c = Counter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            register(&registry, Counter::new(name, help).expect("valid metric"))
         };
         let metrics = Metrics {
             clients: gauge("statecast_relay_clients", "Clients connected."),
@@ -149,28 +142,14 @@ impl Metrics {
                 "statecast_relay_keyframes_sent_total",
                 "Keyframe updates sent to clients.",
             ),
-            encode_seconds: {
-                let c = Counter::new(
-                    "statecast_relay_encode_seconds_total",
-                    "Seconds spent encoding delta chunks.",
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(c.clone()))
-                    .expect("unique metric");
-                c
-            },
-            split_seconds: {
-                let c = Counter::new(
-                    "statecast_relay_split_seconds_total",
-                    "Seconds spent splitting upstream ticks into cells.",
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(c.clone()))
-                    .expect("unique metric");
-                c
-            },
+            encode_seconds: float_counter(
+                "statecast_relay_encode_seconds_total",
+                "Seconds spent encoding delta chunks.",
+            ),
+            split_seconds: float_counter(
+                "statecast_relay_split_seconds_total",
+                "Seconds spent splitting upstream ticks into cells.",
+            ),
             fanout_latency,
             fanout_stage,
             build_seconds: float_counter(

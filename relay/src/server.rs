@@ -504,13 +504,11 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
 fn probe_info(shared: Arc<Shared>) -> impl Fn() -> probe::Info + Send + 'static {
     let origin_rtt_us = AtomicU64::new(u64::MAX);
     move || {
-        if let Ok(worlds) = shared.worlds.try_lock() {
-            let rtt = worlds
-                .values()
-                .map(|w| w.origin_rtt_us.load(Ordering::Relaxed))
-                .min()
-                .unwrap_or(u64::MAX);
-            origin_rtt_us.store(rtt, Ordering::Relaxed);
+        if let Some(rtt) = nearest_origin_rtt(&shared) {
+            origin_rtt_us.store(
+                rtt.map_or(u64::MAX, |d| d.as_micros() as u64),
+                Ordering::Relaxed,
+            );
         }
         let rtt = origin_rtt_us.load(Ordering::Relaxed);
         probe::Info {
@@ -550,16 +548,19 @@ async fn send_directory(shared: &Shared, control: &mut FramedSend) -> Result<(),
     Ok(())
 }
 
-/// The RTT to the origin of the closest subscribed world, in microseconds
-/// (`None` while none is subscribed, or while the world table is busy).
-fn own_origin_rtt_us(shared: &Shared) -> Option<u32> {
+/// The RTT to the origin of the closest subscribed world: `Some(None)`
+/// while none is subscribed, `None` while the world table is busy (this
+/// never waits for it).
+fn nearest_origin_rtt(shared: &Shared) -> Option<Option<Duration>> {
     let worlds = shared.worlds.try_lock().ok()?;
-    worlds
-        .values()
-        .map(|w| w.origin_rtt_us.load(Ordering::Relaxed))
-        .min()
-        .filter(|&rtt| rtt != u64::MAX)
-        .map(|rtt| rtt.min(u64::from(u32::MAX - 1)) as u32)
+    Some(
+        worlds
+            .values()
+            .map(|w| w.origin_rtt_us.load(Ordering::Relaxed))
+            .min()
+            .filter(|&rtt| rtt != u64::MAX)
+            .map(Duration::from_micros),
+    )
 }
 
 fn directory(shared: &Shared) -> Option<Directory> {
@@ -578,7 +579,7 @@ fn directory(shared: &Shared) -> Option<Directory> {
         coords: p.coords,
     };
     // This relay's own entry: the origin RTT it measures, as its pongs say.
-    let own_origin_rtt_us = own_origin_rtt_us(shared).unwrap_or(u32::MAX);
+    let own_origin_rtt_us = probe::origin_rtt_us(nearest_origin_rtt(shared).flatten());
     // Its computed coordinates, once settled ([`crate::coords`]).
     let own_coords = shared.own_coords.as_ref().and_then(|c| c.settled());
     let mut relays = Vec::with_capacity(peers.len() + 1);
