@@ -221,6 +221,11 @@ pub fn validate(config: &Config) -> Result<(), String> {
         ));
     }
     check_directory(&config.id, &config.directory).map_err(|e| format!("directory: {e}"))?;
+    if let Some(nice) = config.fanout_nice
+        && !(-20..=19).contains(&nice)
+    {
+        return Err(format!("fanout_nice must be -20 to 19, not {nice}"));
+    }
     if config.max_clients == 0 {
         return Err("max_clients must be at least 1".to_owned());
     }

@@ -51,6 +51,16 @@ pub struct Config {
     pub drain_secs: u64,
     /// Share encoded chunks between clients (off only to measure its gain).
     pub chunk_cache: bool,
+    /// Schedule the fan-out's threads (one per core, pinned; they split
+    /// ticks, code chunks and hand updates to quinn) `SCHED_FIFO` at the
+    /// lowest real-time priority, so that the connection drivers wait the
+    /// few milliseconds of a tick's fan-out instead of every client's
+    /// update waiting for them (see [`crate::priority`]). Needs
+    /// `CAP_SYS_NICE`; without it, `fanout_nice`; the relay logs which.
+    pub fanout_realtime: bool,
+    /// Nice value of the fan-out's threads when they are not real-time
+    /// (-20 to 19; lowering it needs `CAP_SYS_NICE` too). None: unchanged.
+    pub fanout_nice: Option<i32>,
     /// Compute this relay's network coordinates by pinging its directory
     /// peers (see [`crate::coords`]); its pongs and its directory entry
     /// then carry them. Off by default: coordinates come from the
@@ -306,6 +316,8 @@ impl Default for Config {
             input_rate: 0,
             drain_secs: 10,
             chunk_cache: true,
+            fanout_realtime: true,
+            fanout_nice: Some(-10),
             auto_coords: false,
             coords_interval_ms: 1000,
             cert: None,

@@ -14,6 +14,7 @@ pub mod config;
 pub mod coords;
 pub mod fanout;
 pub mod metrics;
+pub mod priority;
 pub mod probe;
 pub mod server;
 

@@ -105,7 +105,8 @@ impl Metrics {
                 "Time from a tick's arrival at the relay to its update leaving for a client.",
             )
             .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015,
+                0.025, 0.05, 0.1, 0.25,
             ]),
         )
         .expect("valid metric");

@@ -43,7 +43,7 @@ use proto::msg::{
     self, Directory, Error as ErrorMsg, Goaway, Hello, InputBatch, Message, RelayInfo,
     SessionInput, VERSION, Welcome,
 };
-use proto::{ErrorCode, Layout};
+use proto::{ErrorCode, Layout, StateHash};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -103,6 +103,9 @@ pub enum RelayError {
         /// Why.
         source: std::io::Error,
     },
+    /// The fan-out's helper threads could not be started.
+    #[error("cannot start the fan-out's threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// A world as the relay serves it.
@@ -179,6 +182,8 @@ struct Shared {
     own_addrs: Option<(String, String)>,
     /// Its own coordinates, when it computes them ([`Config::auto_coords`]).
     own_coords: Option<Arc<crate::coords::OwnCoords>>,
+    /// The fan-out's threads, one per core.
+    helpers: crate::priority::Helpers,
 }
 
 /// A running relay.
@@ -349,6 +354,23 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
     let metrics = Metrics::new();
     let readiness = Readiness::new();
     let (draining, _) = watch::channel(false);
+    let priority = crate::priority::Priority {
+        realtime: config.fanout_realtime,
+        nice: config.fanout_nice,
+    };
+    let helpers = crate::priority::Helpers::start(priority, tokio::runtime::Handle::current())
+        .map_err(RelayError::Threads)?;
+    info!(
+        threads = helpers.len(),
+        pinned = helpers.pinned(),
+        "fan-out threads at {}{}",
+        helpers.scheduling(),
+        match (priority.realtime, helpers.scheduling()) {
+            (true, crate::priority::Scheduling::Realtime) => "",
+            (true, _) => " (real-time scheduling was refused: it needs CAP_SYS_NICE)",
+            _ => "",
+        }
+    );
     let shared = Arc::new(Shared {
         config: config.clone(),
         metrics: metrics.clone(),
@@ -363,6 +385,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
         own_coords: config
             .auto_coords
             .then(|| Arc::new(crate::coords::OwnCoords::new(&config.id))),
+        helpers,
     });
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -853,30 +876,17 @@ async fn upstream_loop(
                 world
                     .origin_rtt_us
                     .store(sub.rtt().as_micros() as u64, Ordering::Relaxed);
-                // Split under a shared lock (the fan-out keeps reading the
-                // ring meanwhile), added under the exclusive one. This task
-                // is the ring's only writer, so nothing comes in between.
-                // The feed has hashed every entity already.
-                let split = CpuTimer::start();
-                let prepared = world.state.read().expect("not poisoned").prepare_hashed(
-                    tick.tick,
-                    tick.origin_time_us,
-                    tick.hash,
-                    tick.snapshot.clone(),
-                    sub.entity_hashes().map(|h| &h[..]),
-                );
-                let pushed = prepared
-                    .and_then(|state| world.state.write().expect("not poisoned").commit(state));
-                shared
-                    .metrics
-                    .split_seconds
-                    .inc_by(split.elapsed_ns() as f64 / 1e9);
-                if let Some((state, evicted)) = pushed {
-                    if let Some(old) = evicted {
-                        world.cache.evict_before(old + 1);
-                    }
-                    shared.fanout.split.observe(arrived.elapsed().as_secs_f64());
-                    world.latest.send_replace(Some((state, arrived)));
+                // On the first fan-out thread, at its priority: the split is
+                // the first step of the fan-out every client waits for.
+                let split = {
+                    let (shared, world, tick) = (shared.clone(), world.clone(), tick.clone());
+                    let hashes = sub.entity_hashes().cloned();
+                    shared.clone().helpers.run(0, move || {
+                        split_tick(&shared, &world, &tick, hashes.as_deref(), arrived);
+                    })
+                };
+                if split.await.is_err() {
+                    warn!(world = %name, tick = tick.tick, "splitting a tick failed (panicked)");
                 }
                 world.feed.send_replace(Some(tick.clone()));
                 update_cache_metrics(&shared.metrics, &world.cache, &mut cache_reported);
@@ -944,6 +954,41 @@ async fn upstream_loop(
                 }
             }
         }
+    }
+}
+
+/// Splits `tick` into cells and adds it to the ring (the feed has hashed
+/// every entity already: `hashes`), then hands it to the fan-out loop.
+fn split_tick(
+    shared: &Shared,
+    world: &World,
+    tick: &FeedTick,
+    hashes: Option<&[StateHash]>,
+    arrived: Instant,
+) {
+    // Split under a shared lock (the fan-out keeps reading the ring
+    // meanwhile), added under the exclusive one. The upstream loop is the
+    // ring's only writer (and waits for this), so nothing comes in between.
+    let split = CpuTimer::start();
+    let prepared = world.state.read().expect("not poisoned").prepare_hashed(
+        tick.tick,
+        tick.origin_time_us,
+        tick.hash,
+        tick.snapshot.clone(),
+        hashes,
+    );
+    let pushed =
+        prepared.and_then(|state| world.state.write().expect("not poisoned").commit(state));
+    shared
+        .metrics
+        .split_seconds
+        .inc_by(split.elapsed_ns() as f64 / 1e9);
+    if let Some((state, evicted)) = pushed {
+        if let Some(old) = evicted {
+            world.cache.evict_before(old + 1);
+        }
+        shared.fanout.split.observe(arrived.elapsed().as_secs_f64());
+        world.latest.send_replace(Some((state, arrived)));
     }
 }
 
@@ -1367,7 +1412,6 @@ const MIN_SHARD: usize = 64;
 /// If the loop falls behind, it skips to the newest tick.
 async fn fanout_loop(shared: Arc<Shared>, world: Arc<World>) {
     let mut ticks = world.latest.subscribe();
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     loop {
         if ticks.changed().await.is_err() {
             return;
@@ -1375,55 +1419,87 @@ async fn fanout_loop(shared: Arc<Shared>, world: Arc<World>) {
         let Some((tick, arrived)) = ticks.borrow_and_update().clone() else {
             continue;
         };
-        shared
-            .fanout
-            .picked
-            .observe(arrived.elapsed().as_secs_f64());
-        let sinks = world.sinks.lock().expect("not poisoned").clone();
-        let precode = {
-            let state = world.state.read().expect("not poisoned");
-            let needs = sinks.iter().filter_map(|sink| {
-                sink.view
-                    .lock()
-                    .expect("not poisoned")
-                    .next_update(&state, &tick)
-            });
-            Arc::new(world.cache.precode(state.layout(), &tick, needs))
+        // The whole tick on the fan-out's threads: the first lists the
+        // chunks to code and hands the others their parts.
+        let first = {
+            let (shared, world) = (shared.clone(), world.clone());
+            shared
+                .clone()
+                .helpers
+                .run(0, move || fan_out_tick(&shared, &world, tick, arrived))
         };
-        let shards = (sinks.len() / MIN_SHARD).clamp(1, workers);
-        let per = sinks.len().div_ceil(shards);
-        // Helpers: one per further shard, or one for coding alone.
-        let helpers = if precode.len() >= 2 * MIN_PRECODE {
-            workers.max(shards)
-        } else {
-            shards
+        let Ok(others) = first.await else {
+            warn!("the fan-out failed (panicked) on a tick");
+            continue;
         };
-        let mut tasks = Vec::with_capacity(helpers.saturating_sub(1));
-        for i in 1..helpers {
-            let (shared, world, sinks, tick, precode) = (
-                shared.clone(),
-                world.clone(),
-                sinks.clone(),
-                tick.clone(),
-                precode.clone(),
-            );
-            // On a thread of the blocking pool, not a runtime task: a task
-            // spawned here would wait in this worker's LIFO slot (which no
-            // other worker steals) until this loop is done with its own
-            // part, i.e. run after it instead of beside it.
-            tasks.push(tokio::task::spawn_blocking(move || {
-                fan_out_part(
-                    &shared, &world, &precode, &sinks, i, shards, per, &tick, arrived,
-                );
-            }));
-        }
-        fan_out_part(
-            &shared, &world, &precode, &sinks, 0, shards, per, &tick, arrived,
-        );
-        for task in tasks {
-            let _ = task.await;
+        for part in others {
+            if part.await.is_err() {
+                warn!("a fan-out thread failed (panicked) on a tick");
+            }
         }
     }
+}
+
+/// A tick's fan-out, on the first of the fan-out's threads: lists the
+/// chunks to code in advance, starts the further parts on the other
+/// threads, does part 0, and returns the others' completions.
+fn fan_out_tick(
+    shared: &Arc<Shared>,
+    world: &Arc<World>,
+    tick: Arc<TickState>,
+    arrived: Instant,
+) -> Vec<oneshot::Receiver<()>> {
+    shared
+        .fanout
+        .picked
+        .observe(arrived.elapsed().as_secs_f64());
+    let threads = shared.helpers.len().max(1);
+    let sinks = world.sinks.lock().expect("not poisoned").clone();
+    let precode = {
+        let state = world.state.read().expect("not poisoned");
+        let needs = sinks.iter().filter_map(|sink| {
+            sink.view
+                .lock()
+                .expect("not poisoned")
+                .next_update(&state, &tick)
+        });
+        Arc::new(world.cache.precode(state.layout(), &tick, needs))
+    };
+    let shards = (sinks.len() / MIN_SHARD).clamp(1, threads);
+    let per = sinks.len().div_ceil(shards);
+    // Parts: one per shard, or one per thread when there is enough to code.
+    let parts = if precode.len() >= 2 * MIN_PRECODE {
+        threads.max(shards)
+    } else {
+        shards
+    };
+    let mut others = Vec::with_capacity(parts.saturating_sub(1));
+    for i in 1..parts {
+        let (part_shared, world, sinks, tick, precode) = (
+            shared.clone(),
+            world.clone(),
+            sinks.clone(),
+            tick.clone(),
+            precode.clone(),
+        );
+        others.push(shared.helpers.run(i, move || {
+            fan_out_part(
+                &part_shared,
+                &world,
+                &precode,
+                &sinks,
+                i,
+                shards,
+                per,
+                &tick,
+                arrived,
+            );
+        }));
+    }
+    fan_out_part(
+        shared, world, &precode, &sinks, 0, shards, per, &tick, arrived,
+    );
+    others
 }
 
 /// Chunks to code in advance below which one loop codes them alone.

@@ -70,6 +70,16 @@ struct Args {
     /// relay's baselines scatter (see benches/README.md).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     load_nice: i32,
+    /// How the relays schedule their fan-out threads: `realtime`
+    /// (`SCHED_FIFO`, the relay's default), `nice=N` (normal scheduling at
+    /// nice N) or `normal` (neither); both need CAP_SYS_NICE, which the
+    /// relays report in their logs if refused.
+    #[arg(
+        long,
+        value_name = "realtime|nice=N|normal",
+        default_value = "realtime"
+    )]
+    fanout_priority: String,
     /// The `statecast` binary [default: next to this one, i.e.
     /// target/release/statecast].
     #[arg(long, value_name = "PATH")]
@@ -300,6 +310,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
             floor_bin,
         },
         load_nice: (args.load_nice > 0).then_some(args.load_nice),
+        fanout_priority: parse_priority(&args.fanout_priority)?,
         ..Settings::default()
     };
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -354,4 +365,23 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         print!("{}", fanout::details(&rows));
     }
     Ok(())
+}
+
+/// `--fanout-priority`: (realtime, nice).
+fn parse_priority(text: &str) -> anyhow::Result<(bool, Option<i32>)> {
+    let default = relay::Config::default();
+    match text {
+        "realtime" => Ok((true, default.fanout_nice)),
+        "normal" => Ok((false, None)),
+        _ => text
+            .strip_prefix("nice=")
+            .and_then(|n| n.parse::<i32>().ok())
+            .filter(|n| (-20..=19).contains(n))
+            .map(|n| (false, Some(n)))
+            .ok_or_else(|| {
+                anyhow!(
+                    "--fanout-priority must be realtime, nice=N (-20 to 19) or normal, not {text:?}"
+                )
+            }),
+    }
 }

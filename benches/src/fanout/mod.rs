@@ -93,6 +93,8 @@ pub struct Settings {
     /// at, if lowered (the binary does it; reported here). The servers
     /// keep the nice value the bench started with.
     pub load_nice: Option<i32>,
+    /// The relays' `fanout_realtime` and `fanout_nice`.
+    pub fanout_priority: (bool, Option<i32>),
 }
 
 impl Default for Settings {
@@ -111,6 +113,10 @@ impl Default for Settings {
             ring_updates: 70,
             runner: Runner::InProcess,
             load_nice: None,
+            fanout_priority: {
+                let relay = relay::Config::default();
+                (relay.fanout_realtime, relay.fanout_nice)
+            },
         }
     }
 }
@@ -454,6 +460,7 @@ async fn measure(
                 data_dir: ctx.dir.clone(),
                 chunk_cache: cache,
                 cell_size: settings.cell_size,
+                fanout_priority: settings.fanout_priority,
                 name: format!("{name}-{n}"),
             };
             (servers::start_relay(&settings.runner, &spec).await?, None)
