@@ -230,58 +230,181 @@ impl WorldState {
         snapshot: Arc<Snapshot>,
         entity_hashes: Option<&[StateHash]>,
     ) -> Option<Arc<TickState>> {
-        if self.ring.back().is_some_and(|last| last.tick >= tick) {
-            return None;
-        }
-        let hashes = entity_hashes.filter(|h| h.len() == snapshot.len());
-        let entity_hash = |i: usize| hashes.map_or_else(|| snapshot.entity_hash(i), |h| h[i]);
-        let previous = self.ring.back().cloned();
-        let mut cells = BTreeMap::new();
-        match self.grid {
-            Some(grid) => {
-                for (cell, members) in group_by_cell(&grid, &self.layout, &snapshot) {
-                    let hash = members
-                        .iter()
-                        .fold(StateHash(0), |h, &i| h.combine(entity_hash(i as usize)));
-                    let state = share(previous.as_deref(), cell, &snapshot, &members, hash);
-                    cells.insert(cell, state);
-                }
-            }
-            None if !snapshot.is_empty() => {
-                let hash = (0..snapshot.len()).fold(StateHash(0), |h, i| h.combine(entity_hash(i)));
-                let state = match previous.as_deref().and_then(|p| p.cell(CellId::WORLD)) {
-                    Some(old) if old.hash == hash && *old.snapshot == *snapshot => old.clone(),
-                    // The tick's own snapshot: the world is its one cell.
-                    _ => CellState {
-                        snapshot: snapshot.clone(),
-                        hash,
-                    },
-                };
-                cells.insert(CellId::WORLD, state);
-            }
-            None => {}
-        }
-        let dense = DenseCells::new(&cells);
-        Some(Arc::new(TickState {
+        let split = self.split(
             tick,
             origin_time_us,
             hash,
             snapshot,
-            cells,
-            dense,
-        }))
+            entity_hashes.map(Arc::from),
+        )?;
+        let cells = split.part(0, 1);
+        Some(split.finish(vec![cells]))
     }
 
+    /// [`WorldState::prepare_hashed`] in steps, so that several threads can
+    /// share the work: the tick's entities grouped by cell (this call, the
+    /// cheap part), then each thread builds the cells of its part
+    /// ([`Split::part`]), then [`Split::finish`]. `None` if `tick` is not
+    /// newer than the newest tick held.
+    pub fn split(
+        &self,
+        tick: u64,
+        origin_time_us: u64,
+        hash: StateHash,
+        snapshot: Arc<Snapshot>,
+        entity_hashes: Option<Arc<[StateHash]>>,
+    ) -> Option<Split> {
+        if self.ring.back().is_some_and(|last| last.tick >= tick) {
+            return None;
+        }
+        let hashes = entity_hashes.filter(|h| h.len() == snapshot.len());
+        let groups = match self.grid {
+            Some(grid) => Groups::Cells(group_by_cell(&grid, &self.layout, &snapshot)),
+            None if !snapshot.is_empty() => Groups::World,
+            None => Groups::Cells(Grouped::default()),
+        };
+        Some(Split {
+            tick,
+            origin_time_us,
+            hash,
+            snapshot,
+            hashes,
+            previous: self.ring.back().cloned(),
+            groups,
+        })
+    }
+}
+
+/// A tick on its way into cells ([`WorldState::split`]).
+pub struct Split {
+    tick: u64,
+    origin_time_us: u64,
+    hash: StateHash,
+    snapshot: Arc<Snapshot>,
+    hashes: Option<Arc<[StateHash]>>,
+    previous: Option<Arc<TickState>>,
+    groups: Groups,
+}
+
+/// The entities of a tick by cell.
+enum Groups {
+    /// `order` holds entity indices cell by cell; `cells[k]` is the `k`th
+    /// cell and the end of its run in `order`.
+    Cells(Grouped),
+    /// A world without cells: the tick's snapshot is its one cell.
+    World,
+}
+
+/// Entity indices grouped by cell ([`group_by_cell`]).
+#[derive(Default)]
+struct Grouped {
+    order: Vec<u32>,
+    cells: Vec<(CellId, u32)>,
+}
+
+impl Grouped {
+    /// Cell `k` and its members.
+    fn get(&self, k: usize) -> (CellId, &[u32]) {
+        let start = if k == 0 { 0 } else { self.cells[k - 1].1 };
+        let (cell, end) = self.cells[k];
+        (cell, &self.order[start as usize..end as usize])
+    }
+}
+
+impl Split {
+    /// Cells of the tick (every thread's parts together).
+    pub fn len(&self) -> usize {
+        match &self.groups {
+            Groups::Cells(g) => g.cells.len(),
+            Groups::World => 1,
+        }
+    }
+
+    /// Whether the tick has no cell.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn entity_hash(&self, i: usize) -> StateHash {
+        self.hashes
+            .as_ref()
+            .map_or_else(|| self.snapshot.entity_hash(i), |h| h[i])
+    }
+
+    /// Part `i` of `parts` (a contiguous run of cells, about as many in
+    /// each): each cell's hash and content, shared with the previous tick's
+    /// cell when both are unchanged.
+    pub fn part(&self, i: usize, parts: usize) -> Vec<(CellId, CellState)> {
+        let n = self.len();
+        let parts = parts.max(1);
+        let (from, to) = (n * i / parts, n * (i + 1) / parts);
+        let previous = self.previous.as_deref();
+        match &self.groups {
+            Groups::Cells(groups) => (from..to)
+                .map(|k| {
+                    let (cell, members) = groups.get(k);
+                    let hash = members.iter().fold(StateHash(0), |h, &e| {
+                        h.combine(self.entity_hash(e as usize))
+                    });
+                    (cell, share(previous, cell, &self.snapshot, members, hash))
+                })
+                .collect(),
+            Groups::World if from < to => {
+                let hash = (0..self.snapshot.len())
+                    .fold(StateHash(0), |h, e| h.combine(self.entity_hash(e)));
+                let state = match previous.and_then(|p| p.cell(CellId::WORLD)) {
+                    Some(old) if old.hash == hash && *old.snapshot == *self.snapshot => old.clone(),
+                    // The tick's own snapshot: the world is its one cell.
+                    _ => CellState {
+                        snapshot: self.snapshot.clone(),
+                        hash,
+                    },
+                };
+                vec![(CellId::WORLD, state)]
+            }
+            Groups::World => Vec::new(),
+        }
+    }
+
+    /// The tick, from all of its parts in order.
+    pub fn finish(&self, parts: Vec<Vec<(CellId, CellState)>>) -> Arc<TickState> {
+        // Parts are runs of cells in order: the map is built from sorted
+        // input.
+        let cells: BTreeMap<CellId, CellState> = parts.into_iter().flatten().collect();
+        let dense = DenseCells::new(&cells);
+        Arc::new(TickState {
+            tick: self.tick,
+            origin_time_us: self.origin_time_us,
+            hash: self.hash,
+            snapshot: self.snapshot.clone(),
+            cells,
+            dense,
+        })
+    }
+}
+
+impl WorldState {
     /// The second half of [`WorldState::push`]: adds a tick made by
     /// [`WorldState::prepare`]. Refused (`None`) if a tick as new has been
     /// added meanwhile.
     pub fn commit(&mut self, state: Arc<TickState>) -> Option<(Arc<TickState>, Option<u64>)> {
+        self.commit_keeping(state)
+            .map(|(state, evicted)| (state, evicted.map(|t| t.tick)))
+    }
+
+    /// [`WorldState::commit`], handing back the evicted tick itself, so that
+    /// the caller can free its cells (thousands of allocations) outside the
+    /// ring's lock and off the fan-out's path.
+    pub fn commit_keeping(
+        &mut self,
+        state: Arc<TickState>,
+    ) -> Option<(Arc<TickState>, Option<Arc<TickState>>)> {
         if self.ring.back().is_some_and(|last| last.tick >= state.tick) {
             return None;
         }
         self.ring.push_back(state.clone());
         let evicted = if self.ring.len() > self.capacity {
-            self.ring.pop_front().map(|t| t.tick)
+            self.ring.pop_front()
         } else {
             None
         };
@@ -345,7 +468,7 @@ impl WorldState {
 /// ascending (what [`Grid::split`] selects, without its `BTreeMap` of index
 /// lists: a counting sort over the cells' bounding box, or a sort when the
 /// box is sparse). Groups come in no particular order.
-fn group_by_cell(grid: &Grid, layout: &Layout, snapshot: &Snapshot) -> Vec<(CellId, Vec<u32>)> {
+fn group_by_cell(grid: &Grid, layout: &Layout, snapshot: &Snapshot) -> Grouped {
     let n = snapshot.len();
     let of: Vec<CellId> = (0..n).map(|i| grid.cell_of(layout, snapshot, i)).collect();
     let (mut x0, mut y0, mut x1, mut y1) = (i64::MAX, i64::MAX, i64::MIN, i64::MIN);
@@ -360,10 +483,15 @@ fn group_by_cell(grid: &Grid, layout: &Layout, snapshot: &Snapshot) -> Vec<(Cell
     if !dense {
         let mut keyed: Vec<(CellId, u32)> = of.into_iter().zip(0..n as u32).collect();
         keyed.sort_unstable();
-        return keyed
-            .chunk_by(|a, b| a.0 == b.0)
-            .map(|g| (g[0].0, g.iter().map(|&(_, i)| i).collect()))
-            .collect();
+        let mut cells: Vec<(CellId, u32)> = Vec::new();
+        for (k, &(cell, _)) in keyed.iter().enumerate() {
+            match cells.last_mut() {
+                Some(last) if last.0 == cell => last.1 = k as u32 + 1,
+                _ => cells.push((cell, k as u32 + 1)),
+            }
+        }
+        let order = keyed.into_iter().map(|(_, i)| i).collect();
+        return Grouped { order, cells };
     }
     let width = x1 - x0 + 1;
     let slot = |c: &CellId| ((i64::from(c.y) - y0) * width + (i64::from(c.x) - x0)) as usize;
@@ -381,14 +509,14 @@ fn group_by_cell(grid: &Grid, layout: &Layout, snapshot: &Snapshot) -> Vec<(Cell
         order[fill[s] as usize] = i as u32;
         fill[s] += 1;
     }
-    let mut groups = Vec::new();
+    let mut cells = Vec::new();
     for s in 0..area as usize {
         let (a, b) = (start[s] as usize, start[s + 1] as usize);
         if a < b {
-            groups.push((of[order[a] as usize], order[a..b].to_vec()));
+            cells.push((of[order[a] as usize], b as u32));
         }
     }
-    groups
+    Grouped { order, cells }
 }
 
 /// Reuses the previous tick's snapshot of a cell when nothing changed: the
@@ -555,6 +683,10 @@ struct Slot {
     /// of their own). Read on every hit, written once: no cache line
     /// bounces between the cores.
     used: std::sync::atomic::AtomicBool,
+    /// Whether a fan-out thread has listed the chunk to code in advance
+    /// ([`ChunkCache::precode_part`]): several threads list their clients'
+    /// needs at once, and each chunk is listed once.
+    listed: std::sync::atomic::AtomicBool,
 }
 
 impl ChunkCache {
@@ -706,10 +838,16 @@ impl ChunkCache {
         );
         self.map
             .retain(|&(_, base, target), _| target >= targets && base.is_none_or(|b| b >= tick));
-        self.plans
-            .lock()
-            .expect("not poisoned")
-            .retain(|p| p.target >= targets && p.base.is_none_or(|b| b >= tick));
+        let keep = |p: &Arc<Plan>| p.target >= targets && p.base.is_none_or(|b| b >= tick);
+        // The plans (and their chunks) are freed after the lock is given
+        // back: the fan-out looks plans up under it.
+        let evicted: Vec<Arc<Plan>> = {
+            let mut plans = self.plans.lock().expect("not poisoned");
+            let (kept, evicted) = std::mem::take(&mut *plans).into_iter().partition(keep);
+            *plans = kept;
+            evicted
+        };
+        drop(evicted);
     }
 
     /// Chunks held.
@@ -771,10 +909,22 @@ impl ChunkCache {
         target: &Arc<TickState>,
         updates: impl IntoIterator<Item = NextUpdate>,
     ) -> Precode {
+        let part = self.precode_part(target, updates);
+        Precode::new(layout, vec![part])
+    }
+
+    /// [`ChunkCache::precode`] for some of the clients: several threads
+    /// list theirs at once ([`PrecodeList`]s, joined by [`Precode::new`]);
+    /// each chunk is listed by the first thread to need it, once.
+    pub fn precode_part(
+        &self,
+        target: &Arc<TickState>,
+        updates: impl IntoIterator<Item = NextUpdate>,
+    ) -> PrecodeList {
         let mut items = Vec::new();
         if let (true, Some(dense)) = (self.enabled, target.dense.as_ref()) {
-            // (key baseline, its plan, slots taken), a few per tick.
-            let mut plans: Vec<(Option<u64>, Arc<Plan>, Vec<bool>)> = Vec::new();
+            // (key baseline, its plan), a few per tick.
+            let mut plans: Vec<(Option<u64>, Arc<Plan>)> = Vec::new();
             for update in updates {
                 for &cell in update.cells.iter() {
                     let Some((before, now, key_base)) =
@@ -785,21 +935,27 @@ impl ChunkCache {
                     let Some(slot) = dense.slot(cell) else {
                         continue;
                     };
-                    let i = match plans.iter().position(|(b, _, _)| *b == key_base) {
+                    let i = match plans.iter().position(|(b, _)| *b == key_base) {
                         Some(i) => i,
                         None => {
                             let Some(plan) = self.plan(target, key_base) else {
                                 continue;
                             };
-                            plans.push((key_base, plan, vec![false; dense.slots.len()]));
+                            plans.push((key_base, plan));
                             plans.len() - 1
                         }
                     };
-                    let (_, plan, taken) = &mut plans[i];
-                    if taken[slot] || plan.slots[slot].chunk.get().is_some() {
+                    let plan = &plans[i].1;
+                    let entry = &plan.slots[slot];
+                    // Checked before claimed: most chunks are listed by the
+                    // time most clients are looked at, and a load does not
+                    // take the cache line from the other core.
+                    if entry.listed.load(Ordering::Relaxed)
+                        || entry.chunk.get().is_some()
+                        || entry.listed.swap(true, Ordering::Relaxed)
+                    {
                         continue;
                     }
-                    taken[slot] = true;
                     items.push(PrecodeItem {
                         plan: plan.clone(),
                         slot,
@@ -809,12 +965,13 @@ impl ChunkCache {
                 }
             }
         }
-        Precode {
-            layout: layout.clone(),
-            items,
-            next: AtomicUsize::new(0),
-        }
+        PrecodeList { items }
     }
+}
+
+/// Chunks one fan-out thread listed ([`ChunkCache::precode_part`]).
+pub struct PrecodeList {
+    items: Vec<PrecodeItem>,
 }
 
 /// Chunks of one tick to code before its updates are built (see
@@ -838,6 +995,19 @@ struct PrecodeItem {
 const PRECODE_CLAIM: usize = 4;
 
 impl Precode {
+    /// The chunks of every list, to be coded by every thread at once.
+    pub fn new(layout: &Arc<Layout>, lists: Vec<PrecodeList>) -> Precode {
+        let mut items = Vec::with_capacity(lists.iter().map(|l| l.items.len()).sum());
+        for list in lists {
+            items.extend(list.items);
+        }
+        Precode {
+            layout: layout.clone(),
+            items,
+            next: AtomicUsize::new(0),
+        }
+    }
+
     /// Chunks to code.
     pub fn len(&self) -> usize {
         self.items.len()
@@ -1390,6 +1560,7 @@ mod tests {
             let grid = Grid::new(50.0);
             let mut world = WorldState::new(layout.clone(), Some(grid), 4);
             let mut twin = WorldState::new(layout.clone(), Some(grid), 4);
+            let mut parted = WorldState::new(layout.clone(), Some(grid), 4);
             for tick in 1..6 {
                 // Ticks 4 and 5 repeat tick 3: every cell is shared.
                 if tick < 4 {
@@ -1407,20 +1578,50 @@ mod tests {
                     .prepare_hashed(tick, 0, snapshot.hash(), snapshot.clone(), Some(&hashes))
                     .unwrap();
                 let (hashed, _) = twin.commit(hashed).unwrap();
+                // In three parts built by three threads at once, as the
+                // relay's fan-out threads do.
+                let split = parted
+                    .split(
+                        tick,
+                        0,
+                        snapshot.hash(),
+                        snapshot.clone(),
+                        Some(hashes.into()),
+                    )
+                    .unwrap();
+                let parts: Vec<_> = std::thread::scope(|s| {
+                    let threads: Vec<_> = (0..3)
+                        .map(|i| {
+                            let split = &split;
+                            s.spawn(move || split.part(i, 3))
+                        })
+                        .collect();
+                    threads.into_iter().map(|t| t.join().unwrap()).collect()
+                });
+                assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), split.len());
+                let (parted_state, _) = parted.commit_keeping(split.finish(parts)).unwrap();
+                assert_eq!(parted_state.tick, tick);
                 let expected = grid.split(&layout, &snapshot);
                 assert_eq!(state.cells.len(), expected.len());
                 assert_eq!(hashed.cells.len(), expected.len());
+                assert_eq!(parted_state.cells.len(), expected.len());
                 for (cell, part) in &expected {
-                    for got in [&state.cells[cell], &hashed.cells[cell]] {
+                    for got in [
+                        &state.cells[cell],
+                        &hashed.cells[cell],
+                        &parted_state.cells[cell],
+                    ] {
                         assert_eq!(*got.snapshot, *part);
                         assert_eq!(got.hash, part.hash());
                     }
                 }
                 if tick >= 4 {
-                    let before = world.get(tick - 1).unwrap();
-                    for (cell, got) in &state.cells {
-                        let old = before.cell(*cell).unwrap();
-                        assert!(Arc::ptr_eq(&old.snapshot, &got.snapshot), "{cell:?}");
+                    for (ring, now) in [(&world, &state), (&parted, &parted_state)] {
+                        let before = ring.get(tick - 1).unwrap();
+                        for (cell, got) in &now.cells {
+                            let old = before.cell(*cell).unwrap();
+                            assert!(Arc::ptr_eq(&old.snapshot, &got.snapshot), "{cell:?}");
+                        }
                     }
                 }
             }
@@ -1428,7 +1629,9 @@ mod tests {
     }
 
     /// Chunks coded in advance, by two threads at once, are exactly the
-    /// ones the updates then use: building the updates codes nothing more,
+    /// ones the updates then use, also when two threads list them at once
+    /// (every other tick; each chunk listed once): building the updates
+    /// codes nothing more,
     /// each precoded chunk counts as one miss (its first use), and the
     /// datagrams are the bytes a relay without the cache sends (clients
     /// acking at different paces, one never acking, one moving its
@@ -1468,7 +1671,19 @@ mod tests {
                 .iter_mut()
                 .filter_map(|v| v.next_update(&world, &state))
                 .collect();
-            let precode = cache.precode(&layout, &state, needs);
+            let precode = if tick % 2 == 0 {
+                cache.precode(&layout, &state, needs)
+            } else {
+                let (a, b) = needs.split_at(needs.len() / 2);
+                let lists = std::thread::scope(|s| {
+                    let other = s.spawn(|| cache.precode_part(&state, b.to_vec()));
+                    vec![
+                        cache.precode_part(&state, a.to_vec()),
+                        other.join().unwrap(),
+                    ]
+                });
+                Precode::new(&layout, lists)
+            };
             let coded: u64 = std::thread::scope(|s| {
                 let other = s.spawn(|| precode.work(&cache));
                 precode.work(&cache) + other.join().unwrap()

@@ -882,7 +882,7 @@ async fn upstream_loop(
                     let (shared, world, tick) = (shared.clone(), world.clone(), tick.clone());
                     let hashes = sub.entity_hashes().cloned();
                     shared.clone().helpers.run(0, move || {
-                        split_tick(&shared, &world, &tick, hashes.as_deref(), arrived);
+                        split_tick(&shared, &world, &tick, hashes, arrived);
                     })
                 };
                 if split.await.is_err() {
@@ -957,38 +957,85 @@ async fn upstream_loop(
     }
 }
 
+/// Cells below which one thread splits a tick alone.
+const MIN_SPLIT: usize = 128;
+
 /// Splits `tick` into cells and adds it to the ring (the feed has hashed
-/// every entity already: `hashes`), then hands it to the fan-out loop.
+/// every entity already: `hashes`), then hands it to the fan-out loop. On
+/// the first fan-out thread; the others build their share of the cells.
 fn split_tick(
     shared: &Shared,
-    world: &World,
+    world: &Arc<World>,
     tick: &FeedTick,
-    hashes: Option<&[StateHash]>,
+    hashes: Option<Arc<[StateHash]>>,
     arrived: Instant,
 ) {
     // Split under a shared lock (the fan-out keeps reading the ring
     // meanwhile), added under the exclusive one. The upstream loop is the
     // ring's only writer (and waits for this), so nothing comes in between.
-    let split = CpuTimer::start();
-    let prepared = world.state.read().expect("not poisoned").prepare_hashed(
+    let timer = CpuTimer::start();
+    let split = world.state.read().expect("not poisoned").split(
         tick.tick,
         tick.origin_time_us,
         tick.hash,
         tick.snapshot.clone(),
         hashes,
     );
-    let pushed =
-        prepared.and_then(|state| world.state.write().expect("not poisoned").commit(state));
-    shared
-        .metrics
-        .split_seconds
-        .inc_by(split.elapsed_ns() as f64 / 1e9);
+    let Some(split) = split.map(Arc::new) else {
+        return;
+    };
+    let parts = if split.len() >= MIN_SPLIT {
+        shared.helpers.len().max(1)
+    } else {
+        1
+    };
+    let (done, results) = std::sync::mpsc::channel();
+    for i in 1..parts {
+        let (split, done) = (split.clone(), done.clone());
+        // Its completion comes through `done`.
+        drop(shared.helpers.run(i, move || {
+            let timer = CpuTimer::start();
+            let cells = split.part(i, parts);
+            let _ = done.send((i, cells, timer.elapsed_ns()));
+        }));
+    }
+    drop(done);
+    let mut cells = vec![Vec::new(); parts];
+    cells[0] = split.part(0, parts);
+    let mut ns = timer.elapsed_ns();
+    let mut got = 1;
+    for (i, part, part_ns) in results.iter() {
+        cells[i] = part;
+        ns += part_ns;
+        got += 1;
+    }
+    if got < parts {
+        // A part's thread panicked: this tick cannot be held whole.
+        warn!(tick = tick.tick, "splitting a tick failed; skipped");
+        return;
+    }
+    let timer = CpuTimer::start();
+    let state = split.finish(cells);
+    let pushed = world
+        .state
+        .write()
+        .expect("not poisoned")
+        .commit_keeping(state);
+    ns += timer.elapsed_ns();
+    shared.metrics.split_seconds.inc_by(ns as f64 / 1e9);
     if let Some((state, evicted)) = pushed {
-        if let Some(old) = evicted {
-            world.cache.evict_before(old + 1);
-        }
         shared.fanout.split.observe(arrived.elapsed().as_secs_f64());
         world.latest.send_replace(Some((state, arrived)));
+        // Freeing the evicted tick's cells and chunks (thousands of
+        // allocations, a few tenths of a millisecond) waits for a thread
+        // of the runtime's blocking pool, at normal priority.
+        if let Some(old) = evicted {
+            let world = world.clone();
+            drop(tokio::task::spawn_blocking(move || {
+                world.cache.evict_before(old.tick + 1);
+                drop(old);
+            }));
+        }
     }
 }
 
@@ -1454,17 +1501,33 @@ fn fan_out_tick(
         .picked
         .observe(arrived.elapsed().as_secs_f64());
     let threads = shared.helpers.len().max(1);
-    let sinks = world.sinks.lock().expect("not poisoned").clone();
-    let precode = {
-        let state = world.state.read().expect("not poisoned");
-        let needs = sinks.iter().filter_map(|sink| {
-            sink.view
-                .lock()
-                .expect("not poisoned")
-                .next_update(&state, &tick)
-        });
-        Arc::new(world.cache.precode(state.layout(), &tick, needs))
-    };
+    let sinks = Arc::new(world.sinks.lock().expect("not poisoned").clone());
+    // The chunks to code, listed by every thread for its share of the
+    // clients at once when there are many (each chunk listed once).
+    let listers = (sinks.len() / MIN_SHARD).clamp(1, threads);
+    let (listed, lists) = std::sync::mpsc::channel();
+    for i in 1..listers {
+        let (world, sinks, tick, listed) =
+            (world.clone(), sinks.clone(), tick.clone(), listed.clone());
+        // Its completion comes through `listed`.
+        drop(shared.helpers.run(i, move || {
+            let list = list_precode(&world, &sinks, i, listers, &tick);
+            let _ = listed.send(list);
+        }));
+    }
+    drop(listed);
+    let mut all = vec![list_precode(world, &sinks, 0, listers, &tick)];
+    all.extend(lists.iter());
+    if all.len() < listers {
+        warn!(
+            tick = tick.tick,
+            "a fan-out thread failed (panicked) listing chunks; they are coded on first use"
+        );
+    }
+    let precode = Arc::new(Precode::new(
+        world.state.read().expect("not poisoned").layout(),
+        all,
+    ));
     let shards = (sinks.len() / MIN_SHARD).clamp(1, threads);
     let per = sinks.len().div_ceil(shards);
     // Parts: one per shard, or one per thread when there is enough to code.
@@ -1500,6 +1563,26 @@ fn fan_out_tick(
         shared, world, &precode, &sinks, 0, shards, per, &tick, arrived,
     );
     others
+}
+
+/// Part `i` of `parts` of `sinks`: the chunks their next updates need that
+/// no other thread listed ([`ChunkCache::precode_part`]).
+fn list_precode(
+    world: &World,
+    sinks: &[Arc<Sink>],
+    i: usize,
+    parts: usize,
+    tick: &Arc<TickState>,
+) -> crate::fanout::PrecodeList {
+    let (from, to) = (sinks.len() * i / parts, sinks.len() * (i + 1) / parts);
+    let state = world.state.read().expect("not poisoned");
+    let needs = sinks[from..to].iter().filter_map(|sink| {
+        sink.view
+            .lock()
+            .expect("not poisoned")
+            .next_update(&state, tick)
+    });
+    world.cache.precode_part(tick, needs)
 }
 
 /// Chunks to code in advance below which one loop codes them alone.
