@@ -308,6 +308,8 @@ mod tests {
         assert_eq!(config.probe, Some("127.0.0.1:4435".parse().unwrap()));
         assert!(config.upstream_auth.is_none());
         assert!(config.chunk_cache);
+        assert!(config.fanout_realtime);
+        assert_eq!(config.fanout_nice, Some(-10));
         assert_eq!(config.drain_secs, 10);
         // Through the command line too.
         let loaded = relay_args(&["--config", SAMPLE]).load().unwrap();
@@ -534,5 +536,8 @@ mod tests {
         assert!(reason(&twice).contains("twice"));
         let both = ["statecast", "relay", "--probe", "127.0.0.1:1", "--no-probe"];
         assert!(Cli::try_parse_from(both).is_err());
+        let nice = dir.path().join("nice.toml");
+        std::fs::write(&nice, "fanout_nice = -21\n").unwrap();
+        assert!(reason(&["--config", nice.to_str().unwrap()]).contains("fanout_nice"));
     }
 }
