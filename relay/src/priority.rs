@@ -153,19 +153,28 @@ fn pin(_: usize) -> bool {
     false
 }
 
+/// The CPUs to pin threads to (empty: unknown, no pinning) and how many
+/// threads: one per CPU the process may run on, but no more than
+/// [`std::thread::available_parallelism`] (which also reads a container's
+/// CPU quota: 2 cores of quota on a 64-CPU host are 2 threads).
+fn plan() -> (Vec<usize>, usize) {
+    let cpus = allowed_cpus();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let count = if cpus.is_empty() {
+        cores
+    } else {
+        cpus.len().min(cores)
+    };
+    (cpus, count.max(1))
+}
+
 impl Helpers {
-    /// Starts one thread (named `statecast-fanout-N`) per CPU this thread
-    /// may run on, each pinned to its CPU and scheduled as `priority`
-    /// allows, in the context of `runtime` (jobs may spawn tasks on it).
-    /// Where the CPUs cannot be read, as many threads as
-    /// [`std::thread::available_parallelism`], unpinned.
+    /// Starts one thread (named `statecast-fanout-N`) per core ([`plan`]),
+    /// each pinned to one of the CPUs this thread may run on and scheduled
+    /// as `priority` allows, in the context of `runtime` (jobs may spawn
+    /// tasks on it). Where the CPUs cannot be read, unpinned.
     pub fn start(priority: Priority, runtime: tokio::runtime::Handle) -> std::io::Result<Helpers> {
-        let cpus = allowed_cpus();
-        let count = if cpus.is_empty() {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            cpus.len()
-        };
+        let (cpus, count) = plan();
         let mut senders = Vec::with_capacity(count);
         let (report, reports) = mpsc::channel();
         for i in 0..count {
@@ -323,12 +332,15 @@ mod tests {
             nice: Some(-5),
         };
         let helpers = Helpers::start(priority, tokio::runtime::Handle::current()).expect("start");
-        let cpus = allowed_cpus();
-        let expected = if cpus.is_empty() {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            cpus.len()
-        };
+        let (cpus, expected) = plan();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(
+            expected >= 1 && expected <= cores,
+            "{expected} threads, {cores} cores"
+        );
+        if !cpus.is_empty() {
+            assert!(expected <= cpus.len());
+        }
         assert_eq!(helpers.len(), expected, "one thread per core");
         assert_eq!(helpers.pinned(), !cpus.is_empty());
         let n = helpers.len();
