@@ -334,6 +334,15 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
         toml::from_str(text)
     }
+
+    /// How the fan-out's threads ask to be scheduled (`fanout_realtime`,
+    /// `fanout_nice`).
+    pub fn fanout_priority(&self) -> crate::priority::Priority {
+        crate::priority::Priority {
+            realtime: self.fanout_realtime,
+            nice: self.fanout_nice,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -275,6 +275,14 @@ impl WorldState {
     }
 }
 
+/// Part `i` of `parts` of `0..len`: contiguous, about as long as the
+/// others, together all of it (how work is shared between the fan-out's
+/// threads).
+pub fn part_range(len: usize, i: usize, parts: usize) -> std::ops::Range<usize> {
+    let parts = parts.max(1);
+    len * i / parts..len * (i + 1) / parts
+}
+
 /// A tick on its way into cells ([`WorldState::split`]).
 pub struct Split {
     tick: u64,
@@ -335,12 +343,10 @@ impl Split {
     /// each): each cell's hash and content, shared with the previous tick's
     /// cell when both are unchanged.
     pub fn part(&self, i: usize, parts: usize) -> Vec<(CellId, CellState)> {
-        let n = self.len();
-        let parts = parts.max(1);
-        let (from, to) = (n * i / parts, n * (i + 1) / parts);
+        let range = part_range(self.len(), i, parts);
         let previous = self.previous.as_deref();
         match &self.groups {
-            Groups::Cells(groups) => (from..to)
+            Groups::Cells(groups) => range
                 .map(|k| {
                     let (cell, members) = groups.get(k);
                     let hash = members.iter().fold(StateHash(0), |h, &e| {
@@ -349,7 +355,7 @@ impl Split {
                     (cell, share(previous, cell, &self.snapshot, members, hash))
                 })
                 .collect(),
-            Groups::World if from < to => {
+            Groups::World if !range.is_empty() => {
                 let hash = (0..self.snapshot.len())
                     .fold(StateHash(0), |h, e| h.combine(self.entity_hash(e)));
                 let state = match previous.and_then(|p| p.cell(CellId::WORLD)) {

@@ -48,6 +48,18 @@ pub enum Scheduling {
     Unchanged,
 }
 
+impl Scheduling {
+    /// How much it asks of the scheduler: real-time, then lower nice
+    /// values, then nothing.
+    fn strength(&self) -> (u8, i32) {
+        match *self {
+            Scheduling::Realtime => (2, 0),
+            Scheduling::Nice(n) => (1, -n),
+            Scheduling::Unchanged => (0, 0),
+        }
+    }
+}
+
 impl std::fmt::Display for Scheduling {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -199,20 +211,15 @@ impl Helpers {
         }
         drop(report);
         // Every thread reports once, first thing; the least any got.
-        let (mut scheduling, mut pinned) = (Scheduling::Realtime, true);
-        for (got, was_pinned) in reports.iter() {
-            pinned &= was_pinned;
-            scheduling = match (scheduling, got) {
-                (_, Scheduling::Unchanged) | (Scheduling::Unchanged, _) => Scheduling::Unchanged,
-                (Scheduling::Nice(a), Scheduling::Nice(b)) => Scheduling::Nice(a.max(b)),
-                (Scheduling::Nice(n), _) | (_, Scheduling::Nice(n)) => Scheduling::Nice(n),
-                (Scheduling::Realtime, Scheduling::Realtime) => Scheduling::Realtime,
-            };
-        }
+        let reports: Vec<(Scheduling, bool)> = reports.iter().collect();
         Ok(Helpers {
             senders,
-            scheduling,
-            pinned: pinned && !cpus.is_empty(),
+            scheduling: reports
+                .iter()
+                .map(|&(got, _)| got)
+                .min_by_key(Scheduling::strength)
+                .unwrap_or(Scheduling::Unchanged),
+            pinned: !cpus.is_empty() && reports.iter().all(|&(_, pinned)| pinned),
         })
     }
 
@@ -254,6 +261,35 @@ impl Helpers {
             let _ = sender.lock().expect("not poisoned").send(job);
         }
         result
+    }
+
+    /// Runs `job(i)` for every `i` in `0..parts`: part 0 on the calling
+    /// thread, part `i` on thread `i` (`parts` is capped at [`Helpers::len`]),
+    /// and returns the results in order; `None` if a part panicked. Call it
+    /// from thread 0 or from outside the threads: a thread handed a part of
+    /// its own would wait for itself.
+    pub fn spread<T: Send + 'static>(
+        &self,
+        parts: usize,
+        job: impl Fn(usize) -> T + Send + Sync + 'static,
+    ) -> Option<Vec<T>> {
+        let parts = parts.clamp(1, self.len().max(1));
+        let job = std::sync::Arc::new(job);
+        let (done, results) = mpsc::channel();
+        for i in 1..parts {
+            let (job, done) = (job.clone(), done.clone());
+            // Its completion comes through `done`.
+            drop(self.run(i, move || {
+                let _ = done.send((i, job(i)));
+            }));
+        }
+        drop(done);
+        let mut out: Vec<Option<T>> = (0..parts).map(|_| None).collect();
+        out[0] = Some(job(0));
+        for (i, result) in results.iter() {
+            out[i] = Some(result);
+        }
+        out.into_iter().collect()
     }
 }
 
@@ -373,5 +409,28 @@ mod tests {
         let lost = helpers.run(n - 1, || panic!("job fails"));
         assert!(lost.await.is_err(), "a panicked job reports no result");
         assert_eq!(helpers.run(n - 1, || 8).await.expect("still serves"), 8);
+        // Parts spread over the threads come back in order, each run on its
+        // own thread; a panicking part makes the whole `None`.
+        let names = helpers.spread(n + 1, |i| {
+            (i, std::thread::current().name().map(str::to_owned))
+        });
+        let names = names.expect("no part panicked");
+        assert_eq!(names.len(), n, "capped at one part per thread");
+        for (k, (i, name)) in names.iter().enumerate() {
+            assert_eq!(*i, k);
+            if k > 0 {
+                assert_eq!(
+                    name.as_deref(),
+                    Some(format!("statecast-fanout-{}", k + 1).as_str())
+                );
+            }
+        }
+        if n > 1 {
+            assert!(
+                helpers
+                    .spread(n, |i| if i == 1 { panic!("part fails") } else { i })
+                    .is_none()
+            );
+        }
     }
 }

@@ -33,7 +33,7 @@
 
 use crate::config::{self, Config, Peer};
 use crate::fanout::{
-    BuiltDatagram, ChunkCache, ClientView, Interest, Precode, TickState, WorldState,
+    BuiltDatagram, ChunkCache, ClientView, Interest, Precode, TickState, WorldState, part_range,
 };
 use crate::metrics::{CpuTimer, Metrics};
 use crate::probe;
@@ -357,10 +357,7 @@ pub async fn start(config: Config) -> Result<RelayHandle, RelayError> {
     let metrics = Metrics::new();
     let readiness = Readiness::new();
     let (draining, _) = watch::channel(false);
-    let priority = crate::priority::Priority {
-        realtime: config.fanout_realtime,
-        nice: config.fanout_nice,
-    };
+    let priority = config.fanout_priority();
     let helpers = crate::priority::Helpers::start(priority, tokio::runtime::Handle::current())
         .map_err(RelayError::Threads)?;
     info!(
@@ -882,14 +879,12 @@ async fn upstream_loop(
                     .store(sub.rtt().as_micros() as u64, Ordering::Relaxed);
                 // On the first fan-out thread, at its priority: the split is
                 // the first step of the fan-out every client waits for.
-                let split = {
+                let job = {
                     let (shared, world, tick) = (shared.clone(), world.clone(), tick.clone());
                     let hashes = sub.entity_hashes().cloned();
-                    shared.clone().helpers.run(0, move || {
-                        split_tick(&shared, &world, &tick, hashes, arrived);
-                    })
+                    move || split_tick(&shared, &world, &tick, hashes, arrived)
                 };
-                if split.await.is_err() {
+                if shared.helpers.run(0, job).await.is_err() {
                     warn!(world = %name, tick = tick.tick, "splitting a tick failed (panicked)");
                 }
                 world.feed.send_replace(Some(tick.clone()));
@@ -989,35 +984,30 @@ fn split_tick(
         return;
     };
     let parts = if split.len() >= MIN_SPLIT {
-        shared.helpers.len().max(1)
+        shared.helpers.len()
     } else {
         1
     };
-    let (done, results) = std::sync::mpsc::channel();
-    for i in 1..parts {
-        let (split, done) = (split.clone(), done.clone());
-        // Its completion comes through `done`.
-        drop(shared.helpers.run(i, move || {
-            let timer = CpuTimer::start();
-            let cells = split.part(i, parts);
-            let _ = done.send((i, cells, timer.elapsed_ns()));
-        }));
-    }
-    drop(done);
-    let mut cells = vec![Vec::new(); parts];
-    cells[0] = split.part(0, parts);
     let mut ns = timer.elapsed_ns();
-    let mut got = 1;
-    for (i, part, part_ns) in results.iter() {
-        cells[i] = part;
-        ns += part_ns;
-        got += 1;
-    }
-    if got < parts {
+    let job = {
+        let split = split.clone();
+        move |i| {
+            let timer = CpuTimer::start();
+            (split.part(i, parts), timer.elapsed_ns())
+        }
+    };
+    let Some(parts) = shared.helpers.spread(parts, job) else {
         // A part's thread panicked: this tick cannot be held whole.
         warn!(tick = tick.tick, "splitting a tick failed; skipped");
         return;
-    }
+    };
+    let cells = parts
+        .into_iter()
+        .map(|(cells, part_ns)| {
+            ns += part_ns;
+            cells
+        })
+        .collect();
     let timer = CpuTimer::start();
     let state = split.finish(cells);
     let pushed = world
@@ -1451,16 +1441,14 @@ struct SinkState {
 /// Sinks per fan-out shard, at least: below that one thread does them all.
 const MIN_SHARD: usize = 64;
 
-/// The world's fan-out: on each new tick, codes the chunks the clients'
-/// updates will need ([`ChunkCache::precode`]) on every core at once, then
-/// builds and hands to quinn every client's update, in one loop per core
-/// (the clients split in equal shards) rather than one task per client.
-/// The loop itself and one thread of the blocking pool per further core
-/// share the coding (they claim chunks, so the loop codes alone while a
-/// helper waits for a core) and then a shard of the clients each. Sending a datagram never
-/// waits, so one loop serves every client; a slow client's streams have
-/// their own tasks, and while its pipeline is full its ticks are skipped.
-/// If the loop falls behind, it skips to the newest tick.
+/// The world's fan-out: on each new tick, the fan-out's threads (one per
+/// core, [`crate::priority::Helpers`]) list and code the chunks the
+/// clients' updates will need ([`ChunkCache::precode`]), then build and
+/// hand to quinn every client's update, each thread for its shard of the
+/// clients, rather than one task per client ([`fan_out_tick`]). Sending a
+/// datagram never waits; a slow client's streams have their own tasks, and
+/// while its pipeline is full its ticks are skipped. If the threads fall
+/// behind, the loop skips to the newest tick.
 async fn fanout_loop(shared: Arc<Shared>, world: Arc<World>) {
     let mut ticks = world.latest.subscribe();
     loop {
@@ -1472,120 +1460,83 @@ async fn fanout_loop(shared: Arc<Shared>, world: Arc<World>) {
         };
         // The whole tick on the fan-out's threads: the first lists the
         // chunks to code and hands the others their parts.
-        let first = {
+        let job = {
             let (shared, world) = (shared.clone(), world.clone());
-            shared
-                .clone()
-                .helpers
-                .run(0, move || fan_out_tick(&shared, &world, tick, arrived))
+            move || fan_out_tick(&shared, &world, tick, arrived)
         };
-        let Ok(others) = first.await else {
+        if shared.helpers.run(0, job).await.is_err() {
             warn!("the fan-out failed (panicked) on a tick");
-            continue;
-        };
-        for part in others {
-            if part.await.is_err() {
-                warn!("a fan-out thread failed (panicked) on a tick");
-            }
         }
     }
 }
 
-/// A tick's fan-out, on the first of the fan-out's threads: lists the
-/// chunks to code in advance, starts the further parts on the other
-/// threads, does part 0, and returns the others' completions.
-fn fan_out_tick(
-    shared: &Arc<Shared>,
-    world: &Arc<World>,
-    tick: Arc<TickState>,
-    arrived: Instant,
-) -> Vec<oneshot::Receiver<()>> {
+/// A tick's fan-out, on the first of the fan-out's threads: the chunks to
+/// code in advance listed and then coded by every thread, then each
+/// thread's shard of the clients served; then whatever the ring evicted is
+/// freed.
+fn fan_out_tick(shared: &Arc<Shared>, world: &Arc<World>, tick: Arc<TickState>, arrived: Instant) {
     shared
         .fanout
         .picked
         .observe(arrived.elapsed().as_secs_f64());
-    let threads = shared.helpers.len().max(1);
-    let sinks = Arc::new(world.sinks.lock().expect("not poisoned").clone());
-    // The chunks to code, listed by every thread for its share of the
-    // clients at once when there are many (each chunk listed once).
-    let listers = (sinks.len() / MIN_SHARD).clamp(1, threads);
-    let (listed, lists) = std::sync::mpsc::channel();
-    for i in 1..listers {
-        let (world, sinks, tick, listed) =
-            (world.clone(), sinks.clone(), tick.clone(), listed.clone());
-        // Its completion comes through `listed`.
-        drop(shared.helpers.run(i, move || {
-            let list = list_precode(&world, &sinks, i, listers, &tick);
-            let _ = listed.send(list);
-        }));
-    }
-    drop(listed);
-    let mut all = vec![list_precode(world, &sinks, 0, listers, &tick)];
-    all.extend(lists.iter());
-    if all.len() < listers {
+    let threads = shared.helpers.len();
+    let sinks = world.sinks.lock().expect("not poisoned").clone();
+    let shards = (sinks.len() / MIN_SHARD).clamp(1, threads);
+    // The chunks to code, listed by every shard's thread for its clients
+    // (each chunk listed once).
+    let job = {
+        let (world, sinks, tick) = (world.clone(), sinks.clone(), tick.clone());
+        move |i| list_precode(&world, &sinks[part_range(sinks.len(), i, shards)], &tick)
+    };
+    let lists = shared.helpers.spread(shards, job).unwrap_or_else(|| {
         warn!(
             tick = tick.tick,
             "a fan-out thread failed (panicked) listing chunks; they are coded on first use"
         );
-    }
+        Vec::new()
+    });
     let precode = Arc::new(Precode::new(
         world.state.read().expect("not poisoned").layout(),
-        all,
+        lists,
     ));
-    let shards = (sinks.len() / MIN_SHARD).clamp(1, threads);
-    let per = sinks.len().div_ceil(shards);
     // Parts: one per shard, or one per thread when there is enough to code.
     let parts = if precode.len() >= 2 * MIN_PRECODE {
         threads.max(shards)
     } else {
         shards
     };
-    let mut others = Vec::with_capacity(parts.saturating_sub(1));
-    for i in 1..parts {
-        let (part_shared, world, sinks, tick, precode) = (
-            shared.clone(),
-            world.clone(),
-            sinks.clone(),
-            tick.clone(),
-            precode.clone(),
+    let job = {
+        let (shared, world, tick) = (shared.clone(), world.clone(), tick.clone());
+        move |i| {
+            let clients = if i < shards {
+                &sinks[part_range(sinks.len(), i, shards)]
+            } else {
+                &[]
+            };
+            fan_out_part(&shared, &world, &precode, clients, &tick, arrived);
+        }
+    };
+    if shared.helpers.spread(parts, job).is_none() {
+        warn!(
+            tick = tick.tick,
+            "a fan-out thread failed (panicked) on a tick"
         );
-        others.push(shared.helpers.run(i, move || {
-            fan_out_part(
-                &part_shared,
-                &world,
-                &precode,
-                &sinks,
-                i,
-                shards,
-                per,
-                &tick,
-                arrived,
-            );
-        }));
     }
-    fan_out_part(
-        shared, world, &precode, &sinks, 0, shards, per, &tick, arrived,
-    );
     let evicted = std::mem::take(&mut *world.evicted.lock().expect("not poisoned"));
     if let Some(newest) = evicted.iter().map(|t| t.tick).max() {
         world.cache.evict_before(newest + 1);
     }
-    drop(evicted);
-    others
 }
 
-/// Part `i` of `parts` of `sinks`: the chunks their next updates need that
-/// no other thread listed ([`ChunkCache::precode_part`]).
+/// The chunks the next updates of `sinks` need that no other thread
+/// listed ([`ChunkCache::precode_part`]).
 fn list_precode(
     world: &World,
     sinks: &[Arc<Sink>],
-    i: usize,
-    parts: usize,
     tick: &Arc<TickState>,
 ) -> crate::fanout::PrecodeList {
-    let (from, to) = (sinks.len() * i / parts, sinks.len() * (i + 1) / parts);
     let state = world.state.read().expect("not poisoned");
-    let needs = sinks[from..to].iter().filter_map(|sink| {
+    let needs = sinks.iter().filter_map(|sink| {
         sink.view
             .lock()
             .expect("not poisoned")
@@ -1597,17 +1548,13 @@ fn list_precode(
 /// Chunks to code in advance below which one loop codes them alone.
 const MIN_PRECODE: usize = 16;
 
-/// Part `i` of a tick's fan-out: the chunks not yet claimed, then shard
-/// `i` of `sinks` (if there is one: `shards` of `per` sinks).
-#[allow(clippy::too_many_arguments)]
+/// One thread's part of a tick's fan-out: the chunks not yet claimed, then
+/// its shard of the clients, `sinks` (empty for a thread that only codes).
 fn fan_out_part(
     shared: &Arc<Shared>,
     world: &Arc<World>,
     precode: &Precode,
     sinks: &[Arc<Sink>],
-    i: usize,
-    shards: usize,
-    per: usize,
     tick: &Arc<TickState>,
     arrived: Instant,
 ) {
@@ -1620,10 +1567,8 @@ fn fan_out_part(
             shared.fanout.coded.observe(arrived.elapsed().as_secs_f64());
         }
     }
-    if i < shards {
-        let end = ((i + 1) * per).min(sinks.len());
-        let start = (i * per).min(end);
-        deliver_all(shared, world, &sinks[start..end], tick, arrived);
+    if !sinks.is_empty() {
+        deliver_all(shared, world, sinks, tick, arrived);
     }
 }
 

@@ -367,17 +367,20 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--fanout-priority`: (realtime, nice).
-fn parse_priority(text: &str) -> anyhow::Result<(bool, Option<i32>)> {
-    let default = relay::Config::default();
+/// `--fanout-priority`.
+fn parse_priority(text: &str) -> anyhow::Result<relay::priority::Priority> {
+    let normal = |nice| relay::priority::Priority {
+        realtime: false,
+        nice,
+    };
     match text {
-        "realtime" => Ok((true, default.fanout_nice)),
-        "normal" => Ok((false, None)),
+        "realtime" => Ok(relay::Config::default().fanout_priority()),
+        "normal" => Ok(normal(None)),
         _ => text
             .strip_prefix("nice=")
             .and_then(|n| n.parse::<i32>().ok())
             .filter(|n| (-20..=19).contains(n))
-            .map(|n| (false, Some(n)))
+            .map(|n| normal(Some(n)))
             .ok_or_else(|| {
                 anyhow!(
                     "--fanout-priority must be realtime, nice=N (-20 to 19) or normal, not {text:?}"

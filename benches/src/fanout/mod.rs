@@ -93,8 +93,8 @@ pub struct Settings {
     /// at, if lowered (the binary does it; reported here). The servers
     /// keep the nice value the bench started with.
     pub load_nice: Option<i32>,
-    /// The relays' `fanout_realtime` and `fanout_nice`.
-    pub fanout_priority: (bool, Option<i32>),
+    /// How the relays schedule their fan-out threads.
+    pub fanout_priority: relay::priority::Priority,
 }
 
 impl Default for Settings {
@@ -113,10 +113,7 @@ impl Default for Settings {
             ring_updates: 70,
             runner: Runner::InProcess,
             load_nice: None,
-            fanout_priority: {
-                let relay = relay::Config::default();
-                (relay.fanout_realtime, relay.fanout_nice)
-            },
+            fanout_priority: relay::Config::default().fanout_priority(),
         }
     }
 }

@@ -150,8 +150,8 @@ pub struct RelaySpec {
     pub chunk_cache: bool,
     /// Interest cell size.
     pub cell_size: f64,
-    /// The relay's `fanout_realtime` and `fanout_nice`.
-    pub fanout_priority: (bool, Option<i32>),
+    /// How the relay schedules its fan-out threads.
+    pub fanout_priority: relay::priority::Priority,
     /// Name of the run, for file names (`relay-1000`).
     pub name: String,
 }
@@ -170,8 +170,8 @@ impl RelaySpec {
             cell_size: self.cell_size,
             max_clients: 100_000,
             chunk_cache: self.chunk_cache,
-            fanout_realtime: self.fanout_priority.0,
-            fanout_nice: self.fanout_priority.1,
+            fanout_realtime: self.fanout_priority.realtime,
+            fanout_nice: self.fanout_priority.nice,
             data_dir: Some(self.data_dir.clone()),
             ..relay::Config::default()
         }
